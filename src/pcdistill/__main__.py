@@ -1,0 +1,3 @@
+from pcdistill.cli import main
+
+raise SystemExit(main())
