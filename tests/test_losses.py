@@ -1,0 +1,607 @@
+"""Losses against independent references: a plain per-row, per-group loop written from METHOD.md,
+textbook formulas for KD/DKD/DIST, and properties the definitions imply."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pcdistill import losses
+from pcdistill.losses import (DISTLoss, DKDLoss, KDLoss, PCDLoss, dist_loss, dkd_loss, kd_loss, pcd_loss,
+                              standardize_logits)
+from pcdistill.losses import _pcd_kernel as kernel
+from pcdistill.losses import pcd as pcd_module
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: METHOD.md read literally, one row and one group at a time, float64
+# ----------------------------------------------------------------------------------------------
+def ref_zscore(z):
+    return (z - z.mean()) / (z.std(unbiased=True) + 1e-7)
+
+
+def ref_order(s, t, rank_by):
+    num_classes = s.numel()
+    if rank_by == "abs_diff":
+        d = ((t - t.mean()) - (s - s.mean())).abs().tolist()
+        return sorted(range(num_classes), key=lambda c: (-d[c], c))
+    if rank_by == "teacher":
+        tv = t.tolist()
+        return sorted(range(num_classes), key=lambda c: (-tv[c], c))
+    return list(range(num_classes))
+
+
+def ref_chunks(order, groups):
+    num_classes = len(order)
+    out, start = [], 0
+    for j in range(groups):
+        size = num_classes // groups + (1 if j < num_classes % groups else 0)
+        out.append(order[start:start + size])
+        start += size
+    return out
+
+
+def ref_stage(s, t, order, groups, temperature, adaptive):
+    total = s.new_zeros(())
+    for group in ref_chunks(order, groups):
+        q_t = torch.softmax(t[group] / temperature, 0)
+        log_q_t = torch.log_softmax(t[group] / temperature, 0)
+        log_q_s = torch.log_softmax(s[group] / temperature, 0)
+        kl = temperature**2 * (q_t * (log_q_t - log_q_s)).sum()
+        if adaptive:
+            norm_t = torch.sqrt((q_t * q_t).sum()).clamp_min(1e-8)
+            norm_s = torch.sqrt((log_q_s * log_q_s).sum() + 1e-300).clamp_min(1e-8)
+            weight = 1 - (q_t * log_q_s).sum() / (norm_t * norm_s)
+        else:
+            weight = 1.0
+        total = total + weight * kl
+    return total
+
+
+def ref_pcd(s, t, *, temperature=4.0, stages=3, schedule="joint", progress=None, rank_by="abs_diff",
+            adaptive=True, standardize=False, reduction="mean", valid=None):
+    num_classes = s.shape[-1]
+    lead = s.shape[:-1]
+    s2, t2 = s.reshape(-1, num_classes), t.reshape(-1, num_classes)
+    mask = [True] * s2.shape[0] if valid is None else valid.reshape(-1).tolist()
+    rows = []
+    for i in range(s2.shape[0]):
+        if not mask[i]:
+            rows.append(s2.new_zeros(()))
+            continue
+        si, ti = s2[i], t2[i]
+        if standardize:
+            si, ti = ref_zscore(si), ref_zscore(ti)
+        order = ref_order(si, ti, rank_by)
+        if schedule == "joint":
+            fine_to_coarse = sum(ref_stage(si, ti, order, g, temperature, adaptive) for g in range(stages, 0, -1))
+            coarse_to_fine = sum(ref_stage(si, ti, order, g, temperature, adaptive) for g in range(1, stages + 1))
+            rows.append(fine_to_coarse + coarse_to_fine)
+        else:
+            phases = list(range(stages, 0, -1)) + list(range(1, stages + 1))
+            p = min(math.floor(progress * 2 * stages), 2 * stages - 1)
+            rows.append(2 * stages * ref_stage(si, ti, order, phases[p], temperature, adaptive))
+    row = torch.stack(rows)
+    if reduction == "none":
+        return row.reshape(lead)
+    if reduction == "sum":
+        return row.sum()
+    return row.sum() / max(sum(mask), 1)
+
+
+def pair(shape, seed, scale=3.0, dtype=torch.float64, integer=False):
+    g = torch.Generator().manual_seed(seed)
+    if integer:  # small integers: many exact ties in the priority and the teacher logits
+        s = torch.randint(-2, 3, shape, generator=g).to(dtype)
+        t = torch.randint(-2, 3, shape, generator=g).to(dtype)
+    else:
+        s = torch.randn(shape, generator=g, dtype=dtype) * scale
+        t = torch.randn(shape, generator=g, dtype=dtype) * scale
+    return s, t
+
+
+def value_and_grad(fn, s, t, **kw):
+    s = s.detach().clone().requires_grad_(True)
+    out = fn(s, t, **kw)
+    (out.sum()).backward()
+    return out.detach(), s.grad
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def ordering(request, monkeypatch):
+    """Run a test with each way of ordering the classes (numpy thresholds on CPU; torch argsort)."""
+    monkeypatch.setattr(kernel, "ORDERING", request.param)
+    return request.param
+
+
+# ----------------------------------------------------------------------------------------------
+# PCD (paper variant) against the reference
+# ----------------------------------------------------------------------------------------------
+CASES = [  # (leading shape, C, K)
+    ((4,), 10, 3), ((3,), 7, 5), ((5,), 13, 4), ((2,), 2, 2), ((3,), 5, 1), ((2, 3), 11, 7),
+    ((6,), 100, 3), ((2,), 31, 6), ((3,), 9, 9),
+]
+
+
+@pytest.mark.parametrize("lead,C,K", CASES)
+@pytest.mark.parametrize("rank_by", ["abs_diff", "teacher", "none"])
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_pcd_matches_reference(lead, C, K, rank_by, adaptive, ordering):
+    s, t = pair(lead + (C,), seed=C * 31 + K)
+    kw = dict(stages=K, rank_by=rank_by, adaptive=adaptive)
+    got, g_got = value_and_grad(pcd_loss, s, t, **kw)
+    want, g_want = value_and_grad(ref_pcd, s, t, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("rank_by", ["abs_diff", "teacher"])
+def test_pcd_ties_follow_lower_class_index(seed, rank_by, ordering):
+    C, K = 12, 5
+    s, t = pair((8, C), seed=seed, integer=True)
+    for kw in (dict(stages=K), dict(stages=K, adaptive=False), dict(stages=4, standardize=True)):
+        got, g_got = value_and_grad(pcd_loss, s, t, rank_by=rank_by, **kw)
+        want, g_want = value_and_grad(ref_pcd, s, t, rank_by=rank_by, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+
+
+def explicit_groups_loss(s, t, groups, temperature=4.0):
+    """sum_G w_G KL_G for explicitly listed groups of one row (float64)."""
+    total = 0.0
+    for group in groups:
+        q_t = torch.softmax(t[group] / temperature, 0)
+        log_q_s = torch.log_softmax(s[group] / temperature, 0)
+        kl = temperature**2 * (q_t * (q_t.log() - log_q_s)).sum()
+        cos = (q_t * log_q_s).sum() / (q_t.norm().clamp_min(1e-8) * log_q_s.norm().clamp_min(1e-8))
+        total = total + (1 - cos) * kl
+    return total
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_ties_are_broken_by_lower_class_index(backend, monkeypatch):
+    """Teacher logits 1, 1 for classes 0 and 1: class 0 must join the top group, class 1 the bottom one."""
+    monkeypatch.setattr(kernel, "ORDERING", backend)
+    s = torch.tensor([[0.5, -0.5, 0.0, 0.0]])
+    t = torch.tensor([[1.0, 1.0, 0.0, 3.0]])
+    s64, t64 = s[0].double(), t[0].double()
+    all_classes = explicit_groups_loss(s64, t64, [[0, 1, 2, 3]])
+    right = 2 * (all_classes + explicit_groups_loss(s64, t64, [[3, 0], [1, 2]]))
+    wrong = 2 * (all_classes + explicit_groups_loss(s64, t64, [[3, 1], [0, 2]]))
+    assert abs(right - wrong) > 1e-3  # the case really distinguishes the two tie rules
+    got = pcd_loss(s, t, stages=2, rank_by="teacher")
+    assert abs(got.item() - right.item()) < 1e-4
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.1, 1 / 6, 0.34, 0.5, 0.51, 0.83, 0.999, 1.0])
+@pytest.mark.parametrize("K", [1, 3, 4])
+def test_curriculum_matches_reference(progress, K, ordering):
+    s, t = pair((5, 17), seed=K)
+    kw = dict(stages=K, schedule="curriculum", progress=progress)
+    got, g_got = value_and_grad(pcd_loss, s, t, **kw)
+    want, g_want = value_and_grad(ref_pcd, s, t, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+
+
+def test_curriculum_phase_rule():
+    """phase p = min(floor(progress * 2K), 2K - 1) over [K, ..., 1, 1, ..., K]."""
+    seq = lambda p: pcd_module.stage_sequence(3, "curriculum", p)  # noqa: E731
+    # 2K = 6 phases [3, 2, 1, 1, 2, 3]; e.g. 0.17 * 6 = 1.02 -> phase 1; progress 1.0 -> phase 5
+    assert [seq(p)[0][0] for p in (0.0, 0.16, 0.17, 0.4, 0.5, 0.66, 0.7, 0.9, 1.0)] == [3, 3, 2, 1, 1, 1, 2, 3, 3]
+    assert seq(0.3)[1] == 6.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("standardize", [False, True])
+def test_reductions_valid_and_standardize(reduction, standardize, ordering):
+    s, t = pair((3, 4, 9), seed=7)
+    valid = torch.tensor([[True, False, True, True], [False, False, True, False], [True, True, True, False]])
+    kw = dict(stages=3, reduction=reduction, standardize=standardize, valid=valid)
+    got, g_got = value_and_grad(pcd_loss, s, t, **kw)
+    want, g_want = value_and_grad(ref_pcd, s, t, **kw)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+    assert torch.all(g_got[~valid] == 0)
+
+
+def test_invalid_rows_may_hold_garbage():
+    s, t = pair((4, 6), seed=3)
+    valid = torch.tensor([True, False, True, False])
+    s2, t2 = s.clone(), t.clone()
+    s2[1], t2[3] = float("nan"), float("inf")
+    for fn in (pcd_loss, kd_loss):
+        a, ga = value_and_grad(fn, s, t, valid=valid)
+        b, gb = value_and_grad(fn, s2, t2, valid=valid)
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(ga, gb)
+        assert torch.isfinite(gb).all()
+
+
+@pytest.mark.parametrize("fn", [pcd_loss, kd_loss])
+def test_no_valid_row_gives_differentiable_zero(fn):
+    s, t = pair((3, 5), seed=1)
+    s.requires_grad_(True)
+    out = fn(s, t, valid=torch.zeros(3, dtype=torch.bool))
+    out.backward()
+    assert out.item() == 0.0 and torch.all(s.grad == 0)
+
+
+def test_dkd_no_valid_row_gives_differentiable_zero():
+    s, t = pair((3, 5), seed=1)
+    s.requires_grad_(True)
+    out = dkd_loss(s, t, torch.tensor([0, -100, 9]), valid=torch.zeros(3, dtype=torch.bool))
+    out.backward()
+    assert out.item() == 0.0 and torch.all(s.grad == 0)
+
+
+@pytest.mark.parametrize("kw", [dict(stages=3), dict(stages=4, adaptive=False), dict(stages=2, rank_by="teacher"),
+                                dict(stages=3, schedule="curriculum", progress=0.6), dict(stages=3, standardize=True)])
+def test_pcd_gradcheck(kw, ordering):
+    s, t = pair((3, 8), seed=11)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: pcd_loss(x, t, **kw), (s,), eps=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# Properties the definition implies
+# ----------------------------------------------------------------------------------------------
+def test_one_stage_without_weight_is_twice_kd():
+    s, t = pair((16, 10), seed=2)
+    for T in (1.0, 4.0):
+        torch.testing.assert_close(pcd_loss(s, t, stages=1, adaptive=False, temperature=T),
+                                   2 * kd_loss(s, t, temperature=T), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rank_by", ["abs_diff", "teacher", "none"])
+def test_adding_a_constant_to_a_row_changes_nothing(rank_by):
+    s, t = pair((6, 12), seed=5)
+    shift_s = torch.arange(6, dtype=torch.float64).unsqueeze(-1) * 2.5
+    shift_t = -torch.arange(6, dtype=torch.float64).unsqueeze(-1) * 0.75
+    for kw in (dict(stages=4), dict(stages=3, standardize=True)):
+        a = pcd_loss(s, t, rank_by=rank_by, **kw)
+        b = pcd_loss(s + shift_s, t + shift_t, rank_by=rank_by, **kw)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("rank_by", ["abs_diff", "teacher"])
+def test_permuting_classes_changes_nothing(rank_by, ordering):
+    s, t = pair((6, 15), seed=9)
+    perm = torch.randperm(15, generator=torch.Generator().manual_seed(0))
+    a = pcd_loss(s, t, stages=5, rank_by=rank_by)
+    b = pcd_loss(s[:, perm], t[:, perm], stages=5, rank_by=rank_by)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 5])
+def test_curriculum_averaged_over_its_phases_equals_joint(K):
+    s, t = pair((4, 20), seed=K)
+    phases = [(p + 0.5) / (2 * K) for p in range(2 * K)]
+    avg = sum(pcd_loss(s, t, stages=K, schedule="curriculum", progress=p) for p in phases) / (2 * K)
+    torch.testing.assert_close(avg, pcd_loss(s, t, stages=K), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("K,T", [(1, 4.0), (3, 4.0), (5, 2.0)])
+def test_released_variant_formula(K, T):
+    s, t = pair((8, 10), seed=K)
+    s.requires_grad_(True)
+    got = pcd_loss(s, t, stages=K, temperature=T, variant="released")
+    kl = F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction="batchmean")
+    cos = F.cosine_similarity(F.softmax(t / T, 1), F.log_softmax(s / T, 1), dim=1)
+    want = 2 * K * T**2 * kl * (1 - cos).mean()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g_got, = torch.autograd.grad(got, s)
+    g_want, = torch.autograd.grad(want, s)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+    rows = pcd_loss(s, t, stages=K, temperature=T, variant="released", reduction="none")
+    torch.testing.assert_close(rows.mean(), want)
+
+
+def test_adaptive_weight_is_not_detached():
+    """The weight's own gradient matters: the gradient differs from one with the weight held constant."""
+    s, t = pair((1, 6), seed=4)
+    s.requires_grad_(True)
+    g_full, = torch.autograd.grad(pcd_loss(s, t, stages=1), s)
+    log_q_s = torch.log_softmax(s / 4, 1)
+    q_t = torch.softmax(t / 4, 1)
+    w = (1 - F.cosine_similarity(q_t, log_q_s, dim=1)).detach()
+    kl = 16 * (q_t * (torch.log(q_t) - log_q_s)).sum()
+    g_detached, = torch.autograd.grad(2 * w.sum() * kl, s)
+    assert not torch.allclose(g_full, g_detached)
+
+
+def test_group_of_one_class_contributes_nothing():
+    s, t = pair((3, 4), seed=8)
+    # K = C: the finest stage has groups of one class each
+    stage_c = pcd_module.stage_sequence(4, "curriculum", 0.0)
+    assert stage_c == ([4], 8.0)
+    assert pcd_loss(s, t, stages=4, schedule="curriculum", progress=0.0).item() == 0.0
+
+
+def test_group_sizes_follow_tensor_split():
+    for C in (7, 10, 13, 100):
+        for g in range(1, min(C, 9) + 1):
+            want = [len(x) for x in torch.tensor_split(torch.arange(C), g)]
+            assert kernel.group_sizes(C, g) == want
+
+
+@pytest.mark.parametrize("rank_by", ["abs_diff", "teacher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_class_slots_agree_with_a_full_sort(rank_by, dtype):
+    """Both backends give each class a distinct slot inside the block range of the atom its rank falls in."""
+    g = torch.Generator().manual_seed(0)
+    for C, stages in ((50, (1, 2, 3)), (37, (1, 2, 3, 4, 5, 6, 7)), (10, (4,)), (1000, (1, 2, 3)), (9, (9,)),
+                      (200, tuple(range(1, 13)))):
+        layout = kernel.layout_for(C, stages)
+        rank_edges = np.cumsum((0,) + layout.atom_sizes)
+        slot_starts = np.asarray(layout.atom_first_slot)
+        for integer in (False, True):
+            if integer:
+                s, t = (torch.randint(-3, 4, (20, C), generator=g).to(dtype) for _ in range(2))
+            else:
+                s, t = (torch.randn(20, C, generator=g, dtype=dtype) for _ in range(2))
+            key = pcd_module.priority_key(s, t, rank_by)
+            for backend in ("numpy", "torch"):
+                slots = kernel.class_slots(s, t, rank_by, layout, backend=backend)
+                for i in range(20):
+                    assert len(set(slots[i].tolist())) == C
+                    values = key[i].tolist()
+                    order = sorted(range(C), key=lambda c: (-values[c], c))
+                    atom_of_rank = np.searchsorted(rank_edges, range(C), side="right") - 1
+                    atom_of_slot = np.searchsorted(slot_starts, slots[i].numpy(), side="right") - 1
+                    want = np.empty(C, dtype=np.int64)
+                    want[order] = atom_of_rank
+                    assert np.array_equal(atom_of_slot, want), (backend, C, i)
+                    # slots stay inside the atom's real (non-padding) range
+                    offset = slots[i].numpy() - slot_starts[atom_of_slot]
+                    assert np.all(offset < np.asarray(layout.atom_sizes)[atom_of_slot])
+
+
+def test_layout_padding_is_bounded():
+    for C in (2, 10, 100, 1000, 32000):
+        for K in (1, 2, 3, 4, 5, 7, 10):
+            if K <= C:
+                layout = kernel.layout_for(C, tuple(range(1, K + 1)))
+                assert C <= layout.slots <= 2 * C
+                assert sum(layout.block_count) == C
+
+
+# ----------------------------------------------------------------------------------------------
+# dtypes, devices, gradients to the student only, compile
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_are_computed_in_float32(dtype):
+    s, t = pair((8, 20), seed=1, dtype=torch.float32)
+    s_h, t_h = s.to(dtype).requires_grad_(True), t.to(dtype)
+    for fn, kw in ((pcd_loss, {}), (kd_loss, {}), (dkd_loss, {"target": torch.arange(8)})):
+        args = (kw["target"],) if kw else ()
+        out = fn(s_h, t_h, *args)
+        assert out.dtype == torch.float32
+        want = fn(s_h.detach().float(), t_h.float(), *args)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        out.backward()
+        assert s_h.grad.dtype == dtype
+        s_h.grad = None
+
+
+def test_float64_stays_float64_and_float32_matches_float64():
+    s, t = pair((32, 100), seed=3)
+    assert pcd_loss(s, t).dtype == torch.float64
+    a, ga = value_and_grad(pcd_loss, s.float(), t.float())
+    b, gb = value_and_grad(pcd_loss, s, t)
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga.double(), gb, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", ["pcd", "kd", "dkd", "dist"])
+def test_gradients_flow_to_student_only(fn):
+    s, t = pair((6, 9), seed=2)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    call = {"pcd": lambda: pcd_loss(s, t), "kd": lambda: kd_loss(s, t),
+            "dkd": lambda: dkd_loss(s, t, torch.arange(6)), "dist": lambda: dist_loss(s, t)}[fn]
+    call().backward()
+    assert s.grad is not None and torch.any(s.grad != 0)
+    assert t.grad is None
+
+
+def test_no_gradient_work_without_grad():
+    s, t = pair((4, 9), seed=2)
+    with torch.no_grad():
+        a = pcd_loss(s.requires_grad_(True), t)
+    b = pcd_loss(s.detach(), t)
+    torch.testing.assert_close(a, b)
+    assert not a.requires_grad
+
+
+def test_extreme_logits_stay_finite():
+    """Groups whose logits sit far below the row maximum must not underflow to NaN."""
+    s, t = pair((4, 30), seed=6, dtype=torch.float32)
+    s[:, 10:] -= 300.0
+    t[:, :20] -= 500.0
+    out, grad = value_and_grad(pcd_loss, s, t, temperature=1.0, stages=5)
+    want, g_want = value_and_grad(ref_pcd, s.double(), t.double(), temperature=1.0, stages=5)
+    assert torch.isfinite(out) and torch.isfinite(grad).all()
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    s, t = pair((16, 40), seed=0, dtype=torch.float32)
+    kw = dict(stages=3)
+    compiled = torch.compile(lambda a, b: pcd_loss(a, b, **kw), fullgraph=False)
+    a, ga = value_and_grad(lambda x, y: compiled(x, y), s, t)
+    b, gb = value_and_grad(pcd_loss, s, t, **kw)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines against their textbook formulas
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("T", [1.0, 4.0])
+@pytest.mark.parametrize("standardize", [False, True])
+def test_kd_textbook(T, standardize):
+    s, t = pair((12, 10), seed=1)
+    s.requires_grad_(True)
+    got = kd_loss(s, t, temperature=T, standardize=standardize)
+    zs = torch.stack([ref_zscore(r) for r in s]) if standardize else s
+    zt = torch.stack([ref_zscore(r) for r in t]) if standardize else t
+    want = F.kl_div(F.log_softmax(zs / T, 1), F.softmax(zt / T, 1), reduction="batchmean") * T * T
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0])
+
+
+def ref_dkd_row(s, t, y, alpha, beta, T):
+    p_s, p_t = torch.softmax(s / T, 0), torch.softmax(t / T, 0)
+    b_s = torch.stack([p_s[y], 1 - p_s[y]])
+    b_t = torch.stack([p_t[y], 1 - p_t[y]])
+    tckd = (b_t * (b_t.log() - b_s.log())).sum()
+    rest = [c for c in range(s.numel()) if c != y]
+    q_s, q_t = torch.softmax(s[rest] / T, 0), torch.softmax(t[rest] / T, 0)
+    nckd = (q_t * (q_t.log() - q_s.log())).sum()
+    return (alpha * tckd + beta * nckd) * T * T
+
+
+@pytest.mark.parametrize("C", [2, 3, 10])
+@pytest.mark.parametrize("standardize", [False, True])
+def test_dkd_textbook(C, standardize):
+    s, t = pair((9, C), seed=C)
+    y = torch.randint(0, C, (9,), generator=torch.Generator().manual_seed(1))
+    s.requires_grad_(True)
+    got = dkd_loss(s, t, y, alpha=1.5, beta=6.0, temperature=3.0, standardize=standardize)
+    zs = torch.stack([ref_zscore(r) for r in s]) if standardize else s
+    zt = torch.stack([ref_zscore(r) for r in t]) if standardize else t
+    want = torch.stack([ref_dkd_row(zs[i], zt[i], int(y[i]), 1.5, 6.0, 3.0) for i in range(9)]).mean()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(want, s)[0], rtol=1e-8, atol=1e-12)
+
+
+def test_dkd_ignores_targets_of_invalid_rows():
+    s, t = pair((4, 6), seed=0)
+    y = torch.tensor([1, -100, 5, 99])
+    valid = torch.tensor([True, False, True, False])
+    got = dkd_loss(s, t, y, valid=valid, reduction="none")
+    assert got[1] == 0 and got[3] == 0
+    torch.testing.assert_close(got[0], dkd_loss(s[:1], t[:1], y[:1], reduction="sum"))
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_dist_textbook(T):
+    s, t = pair((16, 10), seed=2)
+    got = dist_loss(s, t, beta=2.0, gamma=0.5, temperature=T)
+    p_s = torch.softmax(s / T, 1).numpy()
+    p_t = torch.softmax(t / T, 1).numpy()
+
+    def pearson(a, b):  # DIST's definition: centred cosine with 1e-8 added to the norm product
+        a, b = a - a.mean(), b - b.mean()
+        return (a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-8)
+
+    inter = np.mean([pearson(p_s[i], p_t[i]) for i in range(16)])
+    intra = np.mean([pearson(p_s[:, c], p_t[:, c]) for c in range(10)])
+    want = (2.0 * (1 - inter) + 0.5 * (1 - intra)) * T * T
+    assert abs(got.item() - want) < 1e-10 * want
+    # and the correlation itself is Pearson's (numpy's corrcoef has no eps)
+    assert abs(pearson(p_s[0], p_t[0]) - np.corrcoef(p_s[0], p_t[0])[0, 1]) < 1e-4
+
+
+def test_standardize_logits_formula():
+    z = torch.randn(5, 7, dtype=torch.float64) * 4 + 3
+    want = np.stack([(r - r.mean()) / (r.std(ddof=1) + 1e-7) for r in z.numpy()])
+    np.testing.assert_allclose(standardize_logits(z).numpy(), want, rtol=1e-12)
+
+
+def test_modules_equal_functions():
+    s, t = pair((5, 9), seed=4)
+    y = torch.arange(5)
+    kw = dict(temperature=2.0, stages=2, schedule="curriculum", rank_by="teacher", adaptive=False)
+    torch.testing.assert_close(PCDLoss(**kw)(s, t, progress=0.7), pcd_loss(s, t, progress=0.7, **kw))
+    torch.testing.assert_close(KDLoss(temperature=2.0)(s, t), kd_loss(s, t, temperature=2.0))
+    torch.testing.assert_close(DKDLoss(beta=2.0)(s, t, y), dkd_loss(s, t, y, beta=2.0))
+    torch.testing.assert_close(DISTLoss(gamma=3.0)(s, t), dist_loss(s, t, gamma=3.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs: a clear error that names the argument
+# ----------------------------------------------------------------------------------------------
+S, T_ = torch.randn(4, 10), torch.randn(4, 10)
+BAD = [
+    (lambda: pcd_loss(S, torch.randn(4, 9)), ValueError, "same shape"),
+    (lambda: pcd_loss(torch.tensor(1.0), torch.tensor(1.0)), ValueError, "scalar"),
+    (lambda: pcd_loss(torch.randn(4, 1), torch.randn(4, 1)), ValueError, "2 classes"),
+    (lambda: pcd_loss(S, T_, stages=0), ValueError, "stages"),
+    (lambda: pcd_loss(S, T_, stages=11), ValueError, "stages"),
+    (lambda: pcd_loss(S, T_, stages=2.0), TypeError, "stages"),
+    (lambda: pcd_loss(S, T_, stages=True), TypeError, "stages"),
+    (lambda: pcd_loss(S, T_, temperature=0), ValueError, "temperature"),
+    (lambda: pcd_loss(S, T_, temperature=-1.0), ValueError, "temperature"),
+    (lambda: pcd_loss(S, T_, temperature=float("nan")), ValueError, "temperature"),
+    (lambda: pcd_loss(S, T_, temperature=float("inf")), ValueError, "temperature"),
+    (lambda: pcd_loss(S, T_, temperature="4"), TypeError, "temperature"),
+    (lambda: pcd_loss(S.long(), T_), TypeError, "student_logits"),
+    (lambda: pcd_loss(S, T_.int()), TypeError, "teacher_logits"),
+    (lambda: pcd_loss(S, T_, schedule="joined"), ValueError, "schedule"),
+    (lambda: pcd_loss(S, T_, rank_by="abs"), ValueError, "rank_by"),
+    (lambda: pcd_loss(S, T_, variant="official"), ValueError, "variant"),
+    (lambda: pcd_loss(S, T_, reduction="avg"), ValueError, "reduction"),
+    (lambda: pcd_loss(S, T_, schedule="curriculum"), ValueError, "progress"),
+    (lambda: pcd_loss(S, T_, schedule="curriculum", progress=1.5), ValueError, "progress"),
+    (lambda: pcd_loss(S, T_, schedule="curriculum", progress=-0.1), ValueError, "progress"),
+    (lambda: pcd_loss(S, T_, schedule="curriculum", progress=float("nan")), ValueError, "progress"),
+    (lambda: pcd_loss(S, T_, valid=torch.ones(5, dtype=torch.bool)), ValueError, "valid"),
+    (lambda: pcd_loss(S, T_, valid=torch.ones(4)), TypeError, "valid"),
+    (lambda: kd_loss(S, torch.randn(3, 10)), ValueError, "same shape"),
+    (lambda: kd_loss(S, T_, temperature=0.0), ValueError, "temperature"),
+    (lambda: kd_loss(S, T_, reduction="max"), ValueError, "reduction"),
+    (lambda: kd_loss(S, T_, valid=torch.ones(4, 1, dtype=torch.bool)), ValueError, "valid"),
+    (lambda: dkd_loss(S, T_, torch.arange(3)), ValueError, "target"),
+    (lambda: dkd_loss(S, T_, torch.tensor([0, 1, 2, 10])), ValueError, "target"),
+    (lambda: dkd_loss(S, T_, torch.tensor([0, 1, -1, 2])), ValueError, "target"),
+    (lambda: dkd_loss(S, T_, torch.zeros(4)), TypeError, "target"),
+    (lambda: dkd_loss(S, T_, torch.arange(4), temperature=-2), ValueError, "temperature"),
+    (lambda: dkd_loss(S, T_, torch.arange(4), alpha=float("nan")), ValueError, "alpha"),
+    (lambda: dist_loss(S, T_[:, :5]), ValueError, "same shape"),
+    (lambda: dist_loss(S, T_, temperature=0), ValueError, "temperature"),
+    (lambda: standardize_logits(torch.arange(4)), TypeError, "logits"),
+    (lambda: PCDLoss(schedule="warm"), ValueError, "schedule"),
+    (lambda: PCDLoss(stages=0), ValueError, "stages"),
+    (lambda: KDLoss(temperature=-1), ValueError, "temperature"),
+    (lambda: DKDLoss(reduction="x"), ValueError, "reduction"),
+]
+
+
+@pytest.mark.parametrize("call,exc,word", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_inputs_name_the_problem(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call()
+
+
+def test_unknown_choice_suggests_the_closest():
+    with pytest.raises(ValueError, match="did you mean 'curriculum'"):
+        pcd_loss(S, T_, schedule="curriculumm", progress=0.5)
+
+
+def test_device_checks_toggle_exists_and_cpu_always_checks():
+    losses.set_device_checks(False)
+    try:
+        with pytest.raises(ValueError, match="target"):
+            dkd_loss(S, T_, torch.tensor([0, 1, 2, 10]))
+    finally:
+        losses.set_device_checks(False)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 2), (1, 1000), (2, 3, 4, 5), (7, 3)])
+@pytest.mark.parametrize("K", [1, 2])
+def test_valid_edge_shapes_do_not_crash(shape, K):
+    s, t = pair(shape, seed=0, dtype=torch.float32)
+    for kw in (dict(), dict(schedule="curriculum", progress=1.0), dict(variant="released"), dict(rank_by="none")):
+        out = pcd_loss(s, t, stages=min(K, shape[-1]), **kw)
+        assert torch.isfinite(out)
+    assert torch.isfinite(pcd_loss(s, t, stages=shape[-1]))
+    assert torch.isfinite(dist_loss(s, t)) and torch.isfinite(kd_loss(s, t))
