@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import (
+from tests.data_fixtures import (
     IDX_NAMES,
     write_cifar10,
     write_cifar100,

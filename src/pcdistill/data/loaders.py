@@ -41,18 +41,23 @@ def crop_flip(images: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor
     return padded.gather(2, flat).view(b, c, h, w)
 
 
-def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
-    """Random shift by up to `augment.pad` pixels (zero padding) and, if `augment.flip`, random
-    horizontal flip with probability 1/2, per sample.
+def draw_augmentation(n: int, augment: Augment, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random draws of one batch of `n` samples: shift offsets int64 (2, n) and flips bool (n,).
 
-    The draws come from `generator` (a CPU generator) in a fixed order, so a batch's augmentation
-    is a function of the generator state only, whatever the device."""
-    n = images.shape[0]
+    They come from `generator` (a CPU generator) in a fixed order, so a batch's augmentation is a
+    function of the generator state only, whatever the device."""
     offsets = torch.randint(0, 2 * augment.pad + 1, (2, n), generator=generator)
     if augment.flip:
         flip = torch.randint(0, 2, (n,), generator=generator).bool()
     else:
         flip = torch.zeros(n, dtype=torch.bool)
+    return offsets, flip
+
+
+def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
+    """Random shift by up to `augment.pad` pixels (zero padding) and, if `augment.flip`, random
+    horizontal flip with probability 1/2, per sample (draws from `draw_augmentation`)."""
+    offsets, flip = draw_augmentation(images.shape[0], augment, generator)
     offsets, flip = offsets.to(images.device), flip.to(images.device)
     return crop_flip(images, augment.pad, offsets[0], offsets[1], flip)
 
@@ -60,7 +65,8 @@ def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Gener
 class _Loader:
     """Index bookkeeping shared by both loader kinds: sampler, epoch, length."""
 
-    def __init__(self, dataset, batch_size: int, train: bool, seed: int, rank: int, world_size: int, device):
+    def __init__(self, dataset, batch_size: int, train: bool, seed: int, rank: int, world_size: int, device,
+                 augment: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -72,7 +78,9 @@ class _Loader:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.device = torch.device(device)
+        self.augment = bool(augment) and self.train
         self.epoch = 0
+        self.start_batch = 0
         self._pin = self.device.type == "cuda"
         self._sampler = (
             DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -80,9 +88,11 @@ class _Loader:
             else None
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order and augmentation the next iteration produces."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch whose order and augmentation the next iteration produces, from batch
+        `start_batch` on (to resume mid-epoch: the batches yielded equal those of a full pass)."""
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
         if self._sampler is not None:
             self._sampler.set_epoch(self.epoch)
 
@@ -124,11 +134,16 @@ class TensorLoader(_Loader):
     def __iter__(self):
         order = self._indices()
         generator = self._generator()
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            images, targets = self.dataset.gather(order[start : start + self.batch_size], pin_memory=self._pin)
+        for batch, start in enumerate(range(0, len(self) * self.batch_size, self.batch_size)):
+            index = order[start : start + self.batch_size]
+            if batch < self.start_batch:  # skipped, but its random draws are consumed as in a full pass
+                if self.augment:
+                    draw_augmentation(len(index), self.dataset.augment, generator)
+                continue
+            images, targets = self.dataset.gather(index, pin_memory=self._pin)
             images = images.to(self.device, non_blocking=self._pin)
             targets = targets.to(self.device, non_blocking=self._pin)
-            if self.train:
+            if self.augment:
                 images = augment_batch(images, self.dataset.augment, generator)
             yield images.float().mul_(self._scale).sub_(self._shift), targets
 
@@ -174,7 +189,7 @@ class SampleLoader(_Loader):
         self._keys = _Keys()
         self._loader_generator = torch.Generator()
         self._loader = DataLoader(
-            _SeededSamples(dataset.with_transform(self.train)),
+            _SeededSamples(dataset.with_transform(self.augment)),
             batch_size=self.batch_size,
             sampler=self._keys,
             drop_last=self.train,
@@ -187,7 +202,8 @@ class SampleLoader(_Loader):
         generator = self._generator()
         order = self._indices()
         seeds = torch.randint(0, 2**63 - 1, (len(order),), generator=generator)
-        self._keys.keys = list(zip(order.tolist(), seeds.tolist()))
+        skip = self.start_batch * self.batch_size
+        self._keys.keys = list(zip(order.tolist(), seeds.tolist()))[skip:]
         # Worker base seeds are drawn from this generator when the DataLoader starts iterating.
         self._loader_generator.manual_seed(derive_seed(self.seed, self.epoch, self.rank, 1))
         for images, targets in self._loader:
@@ -204,15 +220,17 @@ def make_loader(
     world_size: int = 1,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
+    augment: bool = True,
 ):
     """A loader over `dataset` for one rank of `world_size` (see the module docstring).
 
     The result has `len()` (batches per epoch), `num_samples` (samples per epoch on this rank) and
-    `set_epoch(epoch)`, to call before each epoch. `num_workers` applies to sample datasets
-    (imagefolder); in-memory datasets are batched in the calling process, which is faster than
-    any worker pipeline for them.
+    `set_epoch(epoch, start_batch=0)`, to call before each epoch. `num_workers` applies to sample
+    datasets (imagefolder); in-memory datasets are batched in the calling process, which is faster
+    than any worker pipeline for them. `augment=False` turns training augmentation off.
     """
-    common = dict(batch_size=batch_size, train=train, seed=seed, rank=rank, world_size=world_size, device=device)
+    common = dict(batch_size=batch_size, train=train, seed=seed, rank=rank, world_size=world_size, device=device,
+                  augment=augment)
     if isinstance(dataset, TensorDataset):
         return TensorLoader(dataset, **common)
     if isinstance(dataset, SampleDataset):

@@ -1,5 +1,57 @@
+"""Logit-distillation losses: pure functions plus thin ``nn.Module`` wrappers, discoverable by name.
+
+    from pcdistill.losses import pcd_loss, build_loss, list_methods
+    loss = pcd_loss(student_logits, teacher_logits, temperature=4.0, stages=3)
+    module = build_loss("pcd", temperature=4.0)     # PCDLoss(temperature=4.0)
+
+Logits have shape ``(..., C)``; leading dimensions are rows.
+"""
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from pcdistill.registry import Registry, closest
+
 from ._common import set_device_checks, standardize_logits
 from .dist import DISTLoss, dist_loss
 from .dkd import DKDLoss, dkd_loss
 from .kd import KDLoss, kd_loss
 from .pcd import PCDLoss, pcd_loss
+
+METHODS: Registry[type[nn.Module] | None] = Registry("distillation method")
+METHODS.register("vanilla")(None)
+METHODS.register("kd")(KDLoss)
+METHODS.register("dkd")(DKDLoss)
+METHODS.register("dist")(DISTLoss)
+METHODS.register("pcd")(PCDLoss)
+
+
+def list_methods() -> list[str]:
+    """Names of the distillation methods; ``"vanilla"`` trains the student on labels alone."""
+    return METHODS.names()
+
+
+def loss_arguments(method: str) -> dict[str, object]:
+    """The keyword arguments (with defaults) that ``build_loss(method, ...)`` accepts."""
+    cls = METHODS.get(method)
+    if cls is None:
+        return {}
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.kind is p.KEYWORD_ONLY}
+
+
+def build_loss(method: str, **kwargs) -> nn.Module | None:
+    """The loss module of ``method`` built with ``kwargs`` (None for ``"vanilla"``)."""
+    allowed = loss_arguments(method)
+    for key in kwargs:
+        if key not in allowed:
+            raise ValueError(f"{method} loss has no argument {key!r}{closest(key, allowed)}; "
+                             f"it accepts: {', '.join(allowed) or 'nothing'}")
+    cls = METHODS.get(method)
+    return None if cls is None else cls(**kwargs)
+
+
+__all__ = ["DISTLoss", "DKDLoss", "KDLoss", "PCDLoss", "build_loss", "dist_loss", "dkd_loss", "kd_loss",
+           "list_methods", "loss_arguments", "pcd_loss", "set_device_checks", "standardize_logits"]

@@ -2,6 +2,8 @@
 
 Targets: sklearn digits (1x8x8), Fashion-MNIST (1x28x28) and side-by-side pairs (1x28x56).
 The CNNs take any input of at least 8x8; cnn_large is the teacher, cnn_tiny the student.
+``batch_norm=False`` drops BatchNorm (whose per-process statistics make multi-process CPU runs
+differ from single-process ones; SyncBatchNorm needs CUDA).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ class _PoolIfLarge(nn.Module):
 class SmallCNN(nn.Module):
     """Stages of 3x3 conv-BN-ReLU separated by 2x2 max-pooling, a 2x2 adaptive pool, linear head."""
 
-    def __init__(self, stages: Sequence[Sequence[int]], num_classes: int, in_channels: int = 1):
+    def __init__(self, stages: Sequence[Sequence[int]], num_classes: int, in_channels: int = 1,
+                 batch_norm: bool = True):
         super().__init__()
         layers: list[nn.Module] = []
         in_ch = in_channels
@@ -33,7 +36,8 @@ class SmallCNN(nn.Module):
             if i:
                 layers.append(_PoolIfLarge())
             for out_ch in widths:
-                layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+                norm = nn.BatchNorm2d(out_ch) if batch_norm else nn.Identity()
+                layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not batch_norm), norm, nn.ReLU(inplace=True)]
                 in_ch = out_ch
         self.features = nn.Sequential(*layers)
         # A 2x2 grid rather than global pooling keeps where things are, e.g. which digit of a pair is left.
@@ -74,21 +78,21 @@ class MLP(nn.Module):
 
 
 @register_model("cnn_tiny")
-def cnn_tiny(num_classes: int, in_channels: int = 1) -> nn.Module:
+def cnn_tiny(num_classes: int, in_channels: int = 1, batch_norm: bool = True) -> nn.Module:
     """Student-sized 3-conv CNN (16/32/64 channels), a LeNet-style baseline (LeCun et al., 1998)."""
-    return SmallCNN([[16], [32], [64]], num_classes, in_channels)
+    return SmallCNN([[16], [32], [64]], num_classes, in_channels, batch_norm)
 
 
 @register_model("cnn_small")
-def cnn_small(num_classes: int, in_channels: int = 1) -> nn.Module:
+def cnn_small(num_classes: int, in_channels: int = 1, batch_norm: bool = True) -> nn.Module:
     """Mid-sized 3-conv CNN (32/64/128 channels), a LeNet-style baseline (LeCun et al., 1998)."""
-    return SmallCNN([[32], [64], [128]], num_classes, in_channels)
+    return SmallCNN([[32], [64], [128]], num_classes, in_channels, batch_norm)
 
 
 @register_model("cnn_large")
-def cnn_large(num_classes: int, in_channels: int = 1) -> nn.Module:
+def cnn_large(num_classes: int, in_channels: int = 1, batch_norm: bool = True) -> nn.Module:
     """Teacher-sized 5-conv VGG-style CNN (32/64/128x2/256; Simonyan & Zisserman, ICLR 2015)."""
-    return SmallCNN([[32], [64], [128, 128], [256]], num_classes, in_channels)
+    return SmallCNN([[32], [64], [128, 128], [256]], num_classes, in_channels, batch_norm)
 
 
 @register_model("mlp")

@@ -1,0 +1,314 @@
+"""Experiment configuration: typed dataclasses loaded from YAML, with dotted command-line overrides.
+
+    cfg = load_config("configs/digits/pcd.yaml", ["trainer.epochs=3", "distill.loss.stages=4"])
+
+YAML is read with ``yaml.safe_load``: a config is data and never executes code. Unknown keys and
+wrong types are errors that name the key and suggest the closest valid one. Sections:
+
+data      name, root, val_fraction, split_seed (carves val from train; fixed across training seeds),
+          augment, options (dataset-specific, e.g. ``pairs_seed``)
+model     name, options (model factory keyword arguments)
+teacher   name, weights (a ``model.safetensors`` file or a run folder), options
+distill   method (vanilla | kd | dkd | dist | pcd), ce_weight, alpha, warmup_epochs,
+          loss (that method's arguments, e.g. temperature, stages), box_reg_weight (detection only)
+optim     name (sgd | adamw), lr, momentum, weight_decay, nesterov
+schedule  name (multistep | cosine | constant), milestones, gamma, unit (epoch | iteration),
+          warmup_epochs (linear learning-rate warmup), min_lr
+trainer   epochs, iterations, batch_size, eval_batch_size, seed, device, amp, compile, channels_last,
+          num_workers, sync_bn, threads, log_every, checkpoint_every
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pcdistill.registry import closest
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: the message names the key, the problem and what is accepted."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str | None = None
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    augment: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn_tiny"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig:
+    name: str | None = None
+    weights: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistillConfig:
+    method: str = "vanilla"
+    ce_weight: float = 1.0
+    alpha: float = 1.0
+    warmup_epochs: float = 0.0
+    loss: dict[str, Any] = field(default_factory=dict)
+    box_reg_weight: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "multistep"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    unit: str = "epoch"
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    iterations: int | None = None
+    batch_size: int = 64
+    eval_batch_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    compile: bool = False
+    channels_last: bool = False
+    num_workers: int = 0
+    sync_bn: bool = False
+    threads: int | None = None
+    log_every: int = 50
+    checkpoint_every: int = 0
+
+
+@dataclass
+class Config:
+    task: str = "classification"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+CHOICES = {
+    "task": ("classification", "detection"),
+    "distill.method": ("vanilla", "kd", "dkd", "dist", "pcd"),
+    "optim.name": ("sgd", "adamw"),
+    "schedule.name": ("multistep", "cosine", "constant"),
+    "schedule.unit": ("epoch", "iteration"),
+    "trainer.amp": ("none", "bf16", "fp16"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclasses, with type checks
+# ----------------------------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value, tp):
+    """``value`` checked against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list of {_type_name(item)}; got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping (key: value); got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number; got {value!r} ({type(value).__name__})")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer; got {value!r} ({type(value).__name__})")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false; got {value!r} ({type(value).__name__})")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string; got {value!r} ({type(value).__name__})")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _from_dict(cls, data, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys; got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}{closest(full, [prefix + n for n in names])}; "
+                              f"valid keys{' in ' + prefix[:-1] if prefix else ''}: {', '.join(names)}")
+        tp = hints[key]
+        kwargs[key] = (_from_dict(tp, value, full + ".") if dataclasses.is_dataclass(tp)
+                       else _coerce(full, value, tp))
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> Config:
+    """A validated :class:`Config` from a plain dict (as read from YAML)."""
+    cfg = _from_dict(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML and overrides
+# ----------------------------------------------------------------------------------------------
+def _parse_value(text: str):
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML: ``3``, ``true``, ``[1, 2]``, ``null``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. trainer.epochs=3")
+        path, text = item.split("=", 1)
+        parts = path.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key; write e.g. trainer.epochs=3")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file such as "
+                          f"configs/digits/pcd.yaml (see `pcdistill list`)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (data:, model:, ...)")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from the defaults), apply dotted overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(data, list(overrides or [])))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-field validation
+# ----------------------------------------------------------------------------------------------
+def _lookup(cfg: Config, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: Config) -> None:
+    """Checks beyond types: choices, ranges, and what a distillation run needs."""
+    for key, choices in CHOICES.items():
+        value = _lookup(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}{closest(value, choices)}")
+    t, d = cfg.trainer, cfg.distill
+    positive = {"trainer.epochs": t.epochs, "trainer.batch_size": t.batch_size, "optim.lr": cfg.optim.lr,
+                "trainer.log_every": t.log_every}
+    if t.iterations is not None:
+        positive["trainer.iterations"] = t.iterations
+    if t.eval_batch_size is not None:
+        positive["trainer.eval_batch_size"] = t.eval_batch_size
+    if t.threads is not None:
+        positive["trainer.threads"] = t.threads
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0; got {value}")
+    for key, value in {"trainer.num_workers": t.num_workers, "trainer.checkpoint_every": t.checkpoint_every,
+                       "distill.ce_weight": d.ce_weight, "distill.alpha": d.alpha,
+                       "distill.warmup_epochs": d.warmup_epochs, "optim.weight_decay": cfg.optim.weight_decay,
+                       "schedule.warmup_epochs": cfg.schedule.warmup_epochs, "schedule.min_lr": cfg.schedule.min_lr,
+                       "distill.box_reg_weight": d.box_reg_weight}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0; got {value}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must lie in [0, 1); got {cfg.data.val_fraction}")
+    if sorted(cfg.schedule.milestones) != cfg.schedule.milestones:
+        raise ConfigError(f"schedule.milestones must be increasing; got {cfg.schedule.milestones}")
+    if d.method == "vanilla":
+        if d.loss:
+            raise ConfigError(f"distill.loss is set ({d.loss}) but distill.method is 'vanilla', which uses no "
+                              f"distillation loss; choose a method (kd, dkd, dist, pcd) or remove distill.loss")
+    else:
+        from pcdistill.losses import build_loss
+        try:
+            build_loss(d.method, **d.loss)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"distill.loss: {err}") from None
+        if not cfg.teacher.name:
+            raise ConfigError(f"distill.method is {d.method!r}, which needs a teacher: set teacher.name "
+                              f"(and teacher.weights to its trained model.safetensors)")
+    if cfg.task == "classification" and d.box_reg_weight:
+        raise ConfigError("distill.box_reg_weight applies to detection only; set it to 0 or task: detection")

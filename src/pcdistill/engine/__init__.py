@@ -1,0 +1,1 @@
+"""Training engine: the trainer, checkpoints, distributed setup and run records."""

@@ -1,0 +1,109 @@
+"""What the trainer trains: built from a config into a module, loaders, an evaluator and the network to export.
+
+The trainer only sums the named losses a task's module returns and asks the task for metrics; the
+methods live in :mod:`pcdistill.losses` and :class:`pcdistill.distiller.Distiller`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from pcdistill import data as data_lib
+from pcdistill import models
+from pcdistill.config import Config, ConfigError
+from pcdistill.distiller import Distiller
+from pcdistill.engine import distributed
+from pcdistill.engine.checkpoint import load_weights, read_metadata, resolve_weights
+from pcdistill.losses import build_loss
+
+
+@dataclass
+class Task:
+    module: nn.Module  # forward(inputs, targets, epoch=, progress=) -> (outputs, dict of weighted losses)
+    student: nn.Module  # the network being trained, exported at the end
+    train_loader: Any
+    eval_loaders: dict[str, Any]  # split name -> loader; empty splits are left out
+    evaluate: Callable[[nn.Module, Any], dict[str, float]]
+    headline: str  # the metric the summary reports: "acc" (top-1 %) or "AP"
+    metadata: dict[str, object] = field(default_factory=dict)  # written into model.safetensors
+
+
+def create_model(section: str, name: str, shape, options: dict) -> nn.Module:
+    """``models.create`` with errors that name the config section."""
+    num_classes, in_channels = shape if isinstance(shape, tuple) else (shape.num_classes, shape.in_channels)
+    try:
+        return models.create(name, num_classes=num_classes, in_channels=in_channels, **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{section}: {err} (see `pcdistill list models`)") from None
+
+
+def load_teacher(cfg: Config, num_classes: int, in_channels: int) -> nn.Module | None:
+    if not cfg.teacher.name:
+        return None
+    teacher = create_model("teacher", cfg.teacher.name, (num_classes, in_channels), cfg.teacher.options)
+    if not cfg.teacher.weights:
+        raise ConfigError(f"teacher.weights is not set: the {cfg.teacher.name} teacher would be untrained; "
+                          f"point it to a model.safetensors from a teacher run (pcdistill train "
+                          f"<teacher config> --out DIR writes DIR/model.safetensors)")
+    try:
+        path = resolve_weights(cfg.teacher.weights)
+    except FileNotFoundError as err:
+        raise ConfigError(f"teacher.weights: {err}") from None
+    meta = read_metadata(path)
+    if meta.get("num_classes") not in (None, num_classes):
+        raise ConfigError(f"teacher.weights {str(path)!r} was trained for {meta['num_classes']} classes but "
+                          f"dataset {cfg.data.name!r} has {num_classes}; teacher and student must share classes")
+    try:
+        load_weights(teacher, path)
+    except ValueError as err:
+        raise ConfigError(f"teacher.weights: {err}") from None
+    return teacher
+
+
+def classification_task(cfg: Config, ctx: distributed.Context) -> Task:
+    splits = data_lib.build(cfg.data.name, root=cfg.data.root, val_fraction=cfg.data.val_fraction,
+                            seed=cfg.data.split_seed, **cfg.data.options)
+    info = splits.info
+    student = create_model("model", cfg.model.name, info, cfg.model.options)
+    teacher = load_teacher(cfg, info.num_classes, info.in_channels)
+    loss = build_loss(cfg.distill.method, **cfg.distill.loss)
+    module = Distiller(student, teacher, loss, ce_weight=cfg.distill.ce_weight, alpha=cfg.distill.alpha,
+                       warmup_epochs=cfg.distill.warmup_epochs)
+    common = dict(seed=cfg.trainer.seed, rank=ctx.rank, world_size=ctx.world_size,
+                  num_workers=cfg.trainer.num_workers, device=ctx.device)
+    eval_batch = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
+    train_loader = data_lib.make_loader(splits.train, batch_size=cfg.trainer.batch_size, train=True,
+                                        augment=cfg.data.augment, **common)
+    if len(train_loader) == 0:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} leaves no full batch: the train split "
+                          f"of {cfg.data.name!r} has {len(splits.train)} samples over {ctx.world_size} process(es)")
+    eval_loaders = {name: data_lib.make_loader(split, batch_size=eval_batch, train=False, **common)
+                    for name, split in (("val", splits.val), ("test", splits.test)) if len(split)}
+
+    def evaluate(net: nn.Module, loader) -> dict[str, float]:
+        counts = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # top-1, top-5, total
+        k = min(5, info.num_classes)
+        for images, targets in loader:
+            logits = net(images)
+            top = logits.topk(k, dim=-1).indices
+            hits = top == targets.unsqueeze(-1)
+            counts[0] += hits[:, 0].sum()
+            counts[1] += hits.any(dim=-1).sum()
+            counts[2] += targets.numel()
+        counts = distributed.all_reduce_sum(counts, ctx)
+        total = max(counts[2].item(), 1.0)
+        return {"acc": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total}
+
+    metadata = {"model": cfg.model.name, "model_options": cfg.model.options, "num_classes": info.num_classes,
+                "in_channels": info.in_channels, "dataset": cfg.data.name}
+    return Task(module, student, train_loader, eval_loaders, evaluate, "acc", metadata)
+
+
+def build_task(cfg: Config, ctx: distributed.Context) -> Task:
+    if cfg.task == "detection":
+        from pcdistill.detection.task import detection_task  # imported lazily: pycocotools, torchvision ops
+        return detection_task(cfg, ctx)
+    return classification_task(cfg, ctx)

@@ -1,0 +1,304 @@
+"""The training loop: one function, read top to bottom.
+
+``train(cfg, out_dir)`` trains a teacher (plain cross-entropy) or distills a student, in one process
+or under ``torchrun`` (DDP), and leaves a run folder:
+
+    config.yaml            the resolved configuration
+    metrics.jsonl          one JSON object per epoch (epoch, train_loss, val_acc, test_acc, lr, seconds, ...)
+    tensorboard/           TensorBoard event files
+    checkpoints/last.pt    written atomically at every epoch end (and every ``checkpoint_every`` steps)
+    model.safetensors      the trained network
+
+``train(resume=True)`` continues a killed run from ``checkpoints/last.pt``; on the CPU the result is
+bitwise identical to an uninterrupted run (data order and augmentation are functions of
+(seed, epoch, rank); model, optimizer, schedule and RNG states are restored).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pcdistill import __version__
+from pcdistill.config import Config, ConfigError, from_dict, save_config, to_dict
+from pcdistill.engine import distributed
+from pcdistill.engine.checkpoint import export_weights, load_checkpoint, save_checkpoint
+from pcdistill.engine.records import RunRecords, read_metrics
+from pcdistill.engine.tasks import build_task
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class Summary:
+    out_dir: Path
+    headline: str
+    final: dict[str, float]  # metrics of the last epoch, e.g. {"test_acc": ..., "val_acc": ...}
+    best: dict[str, float]  # best over epochs, for reference only (never used for choices)
+    epochs: int
+    seconds: float
+    student: nn.Module | None = None  # the trained network of this process (each DDP rank holds its copy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces the loop uses
+# ----------------------------------------------------------------------------------------------
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+
+
+def lr_factor(cfg: Config, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warmup, then the schedule."""
+    s = cfg.schedule
+    per_unit = steps_per_epoch if s.unit == "epoch" else 1
+    warmup = s.warmup_epochs * steps_per_epoch
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if s.name == "multistep":
+        return s.gamma ** sum(step >= m * per_unit for m in s.milestones)
+    if s.name == "cosine":
+        floor = s.min_lr / cfg.optim.lr
+        t = (step - warmup) / max(total_steps - warmup, 1)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return 1.0
+
+
+def autocast(cfg: Config, device: torch.device):
+    if cfg.trainer.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.trainer.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def check_environment(cfg: Config, ctx: distributed.Context) -> None:
+    if cfg.trainer.amp == "fp16" and ctx.device.type != "cuda":
+        raise ConfigError("trainer.amp=fp16 needs CUDA (it relies on a GradScaler); on the CPU use bf16 or none")
+    if cfg.trainer.sync_bn and ctx.device.type != "cuda":
+        raise ConfigError("trainer.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation); set it to false")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+def train(cfg: Config | None, out_dir: str | Path, *, resume: bool = False) -> Summary:
+    """Train from ``cfg`` into ``out_dir`` (or, with ``resume=True``, continue the run in ``out_dir``)."""
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoints" / "last.pt"
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(ckpt_path)
+        cfg = from_dict(checkpoint["config"])
+    elif ckpt_path.exists():
+        raise ConfigError(f"{str(out_dir)!r} already holds a run; continue it with `pcdistill train --resume "
+                          f"{out_dir}` or choose another --out folder")
+    assert cfg is not None
+    ctx = distributed.setup(cfg.trainer.device)
+    try:
+        return _train(cfg, out_dir, ctx, checkpoint)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dict | None) -> Summary:
+    check_environment(cfg, ctx)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    torch.manual_seed(cfg.trainer.seed)  # same initial weights on every rank
+    task = build_task(cfg, ctx)
+    student, module = task.student, task.module
+    if cfg.trainer.sync_bn:
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.preserve_format
+    module.to(ctx.device, memory_format=memory_format)
+    optimizer = make_optimizer(cfg, [p for p in student.parameters() if p.requires_grad])
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.trainer.amp == "fp16")
+
+    steps_per_epoch = len(task.train_loader)
+    total_steps = cfg.trainer.iterations or cfg.trainer.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch, total_steps))
+
+    start_epoch, start_batch, step, partial = 0, 0, 0, None
+    if checkpoint is not None:
+        student.load_state_dict(checkpoint["student"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"], ctx.device)
+        start_epoch, start_batch, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
+        partial = checkpoint.get("partial")
+    if step >= total_steps:
+        if ctx.is_main:
+            print(f"the run in {out_dir} already finished ({epochs} epochs)")
+        return _summary(out_dir, task.headline, 0.0, student)
+
+    train_module = module
+    if ctx.distributed:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        train_module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+    if cfg.trainer.compile:
+        train_module = torch.compile(train_module)
+        eval_net = torch.compile(student)
+    else:
+        eval_net = student
+
+    records = RunRecords(out_dir, enabled=ctx.is_main, purge_step=step if checkpoint is not None else None)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        records.truncate(start_epoch)
+
+    def save(epoch: int, batch: int, partial_sums) -> None:
+        if ctx.is_main:
+            save_checkpoint({
+                "config": to_dict(cfg), "epoch": epoch, "batch": batch, "step": step, "partial": partial_sums,
+                "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(ctx.device),
+                "pcdistill": __version__,
+            }, out_dir / "checkpoints" / "last.pt")
+        distributed.barrier(ctx)
+
+    run_start = time.perf_counter()
+    for epoch in range(start_epoch, epochs):
+        epoch_start = time.perf_counter()
+        first = start_batch if epoch == start_epoch else 0
+        steps_this_epoch = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        task.train_loader.set_epoch(epoch, start_batch=first)
+        # loss sums of this epoch on this rank: {name: sum over steps}, plus the step count
+        sums = dict(partial["sums"]) if partial and epoch == start_epoch else {}
+        count = partial["count"] if partial and epoch == start_epoch else 0
+        partial = None
+        module.train()
+        bar = tqdm(total=steps_this_epoch, initial=first, desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=not ctx.is_main, leave=False, dynamic_ncols=True)
+        for batch, (inputs, targets) in enumerate(task.train_loader, start=first):
+            if batch >= steps_this_epoch:
+                break
+            if cfg.trainer.channels_last and isinstance(inputs, torch.Tensor):
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with autocast(cfg, ctx.device):
+                _, losses = train_module(inputs, targets, epoch=epoch + 1, progress=step / total_steps)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss).item():
+                values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                raise NonFiniteLossError(
+                    f"non-finite loss at epoch {epoch + 1}, step {batch + 1} of {steps_this_epoch} "
+                    f"(global step {step + 1}): {values}. The run stopped; checkpoints/last.pt still holds the "
+                    f"last good state (resume with a lower optim.lr, or trainer.amp=none)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            count += 1
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.item()
+            sums["total"] = sums.get("total", 0.0) + loss.item()
+            bar.update(1)
+            if ctx.is_main and step % cfg.trainer.log_every == 0:
+                bar.set_postfix(loss=f"{sums['total'] / count:.4f}")
+                records.scalars(step, {f"train/{k}": v.item() for k, v in losses.items()}
+                                | {"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"]})
+            if cfg.trainer.checkpoint_every and step % cfg.trainer.checkpoint_every == 0 \
+                    and batch + 1 < steps_this_epoch:
+                save(epoch, batch + 1, {"sums": dict(sums), "count": count})
+        bar.close()
+
+        # epoch end: reduce the training losses over ranks, evaluate, record, checkpoint
+        names = sorted(sums)
+        reduced = distributed.all_reduce_sum(
+            torch.tensor([sums[n] for n in names] + [count], dtype=torch.float64, device=ctx.device), ctx)
+        mean = {n: (reduced[i] / reduced[-1]).item() for i, n in enumerate(names)}
+        record = {"epoch": epoch + 1, "step": step, "train_loss": mean.pop("total")}
+        record |= {f"train_{n}": v for n, v in mean.items()}
+        module.eval()
+        with torch.no_grad(), autocast(cfg, ctx.device):
+            for split, loader in task.eval_loaders.items():
+                for metric, value in task.evaluate(eval_net, loader).items():
+                    record[f"{split}_{metric}"] = value
+        record |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - epoch_start,
+                   "world_size": ctx.world_size}
+        records.epoch(record)
+        save(epoch + 1, 0, None)
+        if ctx.is_main:
+            shown = ", ".join(f"{k} {record[k]:.2f}" for k in record
+                              if k.startswith(("val_", "test_")) and isinstance(record[k], float))
+            tqdm.write(f"epoch {epoch + 1}/{epochs}: train_loss {record['train_loss']:.4f}, {shown}")
+
+    if ctx.is_main:
+        export_weights(student, out_dir / "model.safetensors", task.metadata | {"pcdistill": __version__})
+    records.close()
+    distributed.barrier(ctx)
+    return _summary(out_dir, task.headline, time.perf_counter() - run_start, student)
+
+
+def evaluate_weights(cfg: Config, weights: str | Path, splits=("val", "test")) -> dict[str, dict[str, float]]:
+    """Metrics of the network in ``weights`` (built as ``cfg.model``) on the requested splits."""
+    from pcdistill.engine.checkpoint import load_weights
+    eval_cfg = from_dict(to_dict(cfg) | {"distill": {}, "teacher": {}})
+    ctx = distributed.setup(eval_cfg.trainer.device)
+    try:
+        task = build_task(eval_cfg, ctx)
+        try:
+            load_weights(task.student, weights)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+        task.student.to(ctx.device).eval()
+        results = {}
+        with torch.no_grad(), autocast(eval_cfg, ctx.device):
+            for split in splits:
+                if split in task.eval_loaders:
+                    results[split] = task.evaluate(task.student, task.eval_loaders[split])
+        return results
+    finally:
+        distributed.teardown(ctx)
+
+
+def _summary(out_dir: Path, headline: str, seconds: float, student: nn.Module | None = None) -> Summary:
+    rows = read_metrics(out_dir)
+    final = {k: v for k, v in (rows[-1] if rows else {}).items() if k.startswith(("val_", "test_"))}
+    best = {}
+    for key in final:
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if values:
+            best[key] = max(values)
+    return Summary(out_dir, headline, final, best, len(rows), seconds, student)
+
+
+def format_summary(summary: Summary) -> str:
+    key = f"test_{summary.headline}"
+    lines = [f"run: {summary.out_dir}  ({summary.epochs} epochs, {summary.seconds:.1f} s)"]
+    if key in summary.final:
+        lines.append(f"final-epoch {key}: {summary.final[key]:.2f}")
+        val = f"val_{summary.headline}"
+        if val in summary.final:
+            lines.append(f"final-epoch {val}: {summary.final[val]:.2f}")
+        lines.append(f"best {key} over epochs (for reference only; not used for any choice): "
+                     f"{summary.best.get(key, float('nan')):.2f}")
+    return "\n".join(lines)

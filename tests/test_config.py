@@ -1,0 +1,101 @@
+"""Config loading: YAML safety, overrides, validation messages, and every shipped config."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pcdistill.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from pcdistill.demo import recipe
+from tests.helpers import REPO
+
+SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_defaults_round_trip():
+    cfg = from_dict({})
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_overrides_parse_yaml_values():
+    data = apply_overrides({}, ["trainer.epochs=3", "schedule.milestones=[2, 5]", "teacher.weights=null",
+                                "trainer.compile=true", "data.root=/tmp/x=y", "distill.loss.stages=4"])
+    assert data == {"trainer": {"epochs": 3, "compile": True}, "schedule": {"milestones": [2, 5]},
+                    "teacher": {"weights": None}, "data": {"root": "/tmp/x=y"}, "distill": {"loss": {"stages": 4}}}
+
+
+def test_override_sets_a_loss_argument():
+    cfg = load_config(None, ["distill.method=pcd", "teacher.name=cnn_large", "distill.loss.stages=5",
+                             "distill.loss.schedule=curriculum"])
+    assert cfg.distill.loss == {"stages": 5, "schedule": "curriculum"}
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["trainer.epoch=3"], ["trainer.epoch", "did you mean 'trainer.epochs'"]),
+    (["trainer.epochs=three"], ["trainer.epochs", "integer"]),
+    (["optim.lr=fast"], ["optim.lr", "number"]),
+    (["trainer.compile=1"], ["trainer.compile", "true or false"]),
+    (["model=resnet8"], ["model", "mapping"]),
+    (["distill.method=pdc"], ["distill.method", "did you mean 'pcd'"]),
+    (["distill.method=pcd", "teacher.name=cnn_large", "distill.loss.stagess=2"],
+     ["distill.loss", "did you mean 'stages'"]),
+    (["distill.method=kd"], ["teacher.name"]),
+    (["distill.loss.temperature=2"], ["distill.loss", "vanilla"]),
+    (["data.val_fraction=1.0"], ["data.val_fraction"]),
+    (["schedule.milestones=[5, 2]"], ["schedule.milestones", "increasing"]),
+    (["trainer.batch_size=0"], ["trainer.batch_size", "> 0"]),
+    (["distill.box_reg_weight=1.0"], ["box_reg_weight", "detection"]),
+    (["trainer.amp=fp8"], ["trainer.amp"]),
+    (["epochs"], ["section.key=value"]),
+])
+def test_errors_name_the_key(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_yaml_never_executes_code(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("data: !!python/object/apply:os.system ['touch " + str(tmp_path / "pwned") + "']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    if cfg.distill.method != "vanilla":
+        assert cfg.teacher.name and cfg.teacher.weights
+
+
+def test_shipped_configs_cover_the_papers_pairs():
+    pairs = {p.parent.name for p in (REPO / "configs" / "cifar100").rglob("teacher.yaml")}
+    assert pairs == {"resnet56_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4", "wrn_40_2_wrn_16_2",
+                     "wrn_40_2_wrn_40_1", "vgg13_vgg8", "resnet32x4_ShuffleV2", "vgg13_MobileNetV2",
+                     "ResNet50_MobileNetV2"}
+    for pair in pairs:
+        names = {p.stem for p in (REPO / "configs" / "cifar100" / pair).glob("*.yaml")}
+        assert names == {"teacher", "vanilla", "kd", "dkd", "pcd"}
+
+
+def test_cifar_pcd_config_follows_the_papers_recipe():
+    cfg = load_config(REPO / "configs/cifar100/resnet32x4_resnet8x4/pcd.yaml")
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.optim.lr, cfg.optim.momentum,
+            cfg.optim.weight_decay) == (240, 64, 0.05, 0.9, 5e-4)
+    assert cfg.schedule.milestones == [150, 180, 210] and cfg.schedule.gamma == 0.1
+    assert cfg.distill.warmup_epochs == 20 and cfg.distill.alpha == 1.0
+    assert cfg.distill.loss == {"temperature": 4.0, "stages": 3}
+    shuffle = load_config(REPO / "configs/cifar100/resnet32x4_ShuffleV2/pcd.yaml")
+    assert shuffle.optim.lr == 0.01
+
+
+@pytest.mark.parametrize("name", ["teacher", "vanilla", "kd", "dkd", "pcd"])
+def test_digits_configs_are_the_demo_recipe(name):
+    shipped = yaml.safe_load((REPO / "configs" / "digits" / f"{name}.yaml").read_text())
+    assert from_dict(shipped) == from_dict(recipe(name, "runs/digits/teacher/model.safetensors"))
