@@ -94,15 +94,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_learning_rate_schedule_formulas():
     cfg = from_dict({"optim": {"lr": 0.1}, "schedule": {"name": "multistep", "milestones": [2, 4], "gamma": 0.1,
-                                                         "warmup_epochs": 1}})
+                                                         "warmup": 1}})
     factors = [lr_factor(cfg, step, steps_per_epoch=10, total_steps=60) for step in (0, 4, 9, 10, 19, 20, 39, 40)]
     assert factors == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01])
     cos = from_dict({"optim": {"lr": 0.1}, "schedule": {"name": "cosine", "min_lr": 0.01}})
     assert lr_factor(cos, 0, 10, 100) == pytest.approx(1.0)
     assert lr_factor(cos, 50, 10, 100) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(cos, 100, 10, 100) == pytest.approx(0.1)
-    iters = from_dict({"schedule": {"name": "multistep", "milestones": [15], "unit": "iteration"}})
-    assert (lr_factor(iters, 14, 10, 30), lr_factor(iters, 15, 10, 30)) == (1.0, pytest.approx(0.1))
+    iters = from_dict({"schedule": {"name": "multistep", "milestones": [15], "unit": "iteration", "warmup": 4}})
+    assert [lr_factor(iters, s, 10, 30) for s in (0, 3, 14, 15)] == pytest.approx([0.25, 1.0, 1.0, 0.1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ model     name, options (model factory keyword arguments)
 teacher   name, weights (a ``model.safetensors`` file or a run folder), options
 distill   method (vanilla | kd | dkd | dist | pcd), ce_weight, alpha, warmup_epochs,
           loss (that method's arguments, e.g. temperature, stages), box_reg_weight (detection only)
-optim     name (sgd | adamw), lr, momentum, weight_decay, nesterov
+optim     name (sgd | adamw), lr, momentum, weight_decay, nesterov, clip_grad_norm
 schedule  name (multistep | cosine | constant), milestones, gamma, unit (epoch | iteration),
-          warmup_epochs (linear learning-rate warmup), min_lr
+          warmup (linear learning-rate warmup, in that unit), min_lr
 trainer   epochs, iterations, batch_size, eval_batch_size, seed, device, amp, compile, channels_last,
           num_workers, sync_bn, threads, log_every, checkpoint_every
 """
@@ -74,6 +74,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
+    clip_grad_norm: float | None = None
 
 
 @dataclass
@@ -82,7 +83,7 @@ class ScheduleConfig:
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
     unit: str = "epoch"
-    warmup_epochs: float = 0.0
+    warmup: float = 0.0
     min_lr: float = 0.0
 
 
@@ -289,7 +290,7 @@ def validate(cfg: Config) -> None:
     for key, value in {"trainer.num_workers": t.num_workers, "trainer.checkpoint_every": t.checkpoint_every,
                        "distill.ce_weight": d.ce_weight, "distill.alpha": d.alpha,
                        "distill.warmup_epochs": d.warmup_epochs, "optim.weight_decay": cfg.optim.weight_decay,
-                       "schedule.warmup_epochs": cfg.schedule.warmup_epochs, "schedule.min_lr": cfg.schedule.min_lr,
+                       "schedule.warmup": cfg.schedule.warmup, "schedule.min_lr": cfg.schedule.min_lr,
                        "distill.box_reg_weight": d.box_reg_weight}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0; got {value}")
@@ -310,5 +311,14 @@ def validate(cfg: Config) -> None:
         if not cfg.teacher.name:
             raise ConfigError(f"distill.method is {d.method!r}, which needs a teacher: set teacher.name "
                               f"(and teacher.weights to its trained model.safetensors)")
+    if cfg.optim.clip_grad_norm is not None and cfg.optim.clip_grad_norm <= 0:
+        raise ConfigError(f"optim.clip_grad_norm must be > 0 (or null for no clipping); got {cfg.optim.clip_grad_norm}")
     if cfg.task == "classification" and d.box_reg_weight:
         raise ConfigError("distill.box_reg_weight applies to detection only; set it to 0 or task: detection")
+    if cfg.task == "detection":
+        if d.ce_weight != 1.0:
+            raise ConfigError("distill.ce_weight must be 1 for detection: the detector's own losses "
+                              "(classifier, box, RPN) are used unweighted")
+        if cfg.trainer.channels_last or cfg.trainer.compile:
+            raise ConfigError("trainer.channels_last and trainer.compile are for classification; "
+                              "set them to false for detection")

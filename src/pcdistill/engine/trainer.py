@@ -62,7 +62,7 @@ def lr_factor(cfg: Config, step: int, steps_per_epoch: int, total_steps: int) ->
     """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warmup, then the schedule."""
     s = cfg.schedule
     per_unit = steps_per_epoch if s.unit == "epoch" else 1
-    warmup = s.warmup_epochs * steps_per_epoch
+    warmup = s.warmup * per_unit
     if warmup and step < warmup:
         return (step + 1) / warmup
     if s.name == "multistep":
@@ -212,6 +212,9 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dic
                     f"last good state (resume with a lower optim.lr, or trainer.amp=none)")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if cfg.optim.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

@@ -1,0 +1,90 @@
+"""The detection task for the trainer: a Faster R-CNN student, its frozen teacher and COCO evaluation.
+
+Built from a config with ``task: detection``; ``data.name`` is a detection dataset (``coco``,
+``shapes``), ``model.name`` and ``teacher.name`` are detectors (``pcdistill list detectors``).
+"""
+from __future__ import annotations
+
+from pcdistill.config import Config, ConfigError
+from pcdistill.data import DatasetError
+from pcdistill.detection.coco import DetectionLoader, build_detection_dataset
+from pcdistill.detection.distill import RoIDistiller
+from pcdistill.detection.evaluate import coco_evaluate
+from pcdistill.detection.models import create_detector
+from pcdistill.engine import distributed
+from pcdistill.engine.checkpoint import load_weights, read_metadata, resolve_weights
+from pcdistill.engine.tasks import Task
+from pcdistill.losses import build_loss
+
+
+def _detector(section: str, name: str, num_classes: int, options: dict):
+    try:
+        return create_detector(name, num_classes, **options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{section}: {err} (see `pcdistill list detectors`)") from None
+
+
+def _teacher(cfg: Config, num_classes: int):
+    if not cfg.teacher.name:
+        return None
+    if not cfg.teacher.weights:
+        raise ConfigError(f"teacher.weights is not set: the {cfg.teacher.name} teacher would be untrained; point it "
+                          f"to the model.safetensors of a detection teacher run")
+    try:
+        path = resolve_weights(cfg.teacher.weights)
+    except FileNotFoundError as err:
+        raise ConfigError(f"teacher.weights: {err}") from None
+    meta = read_metadata(path)
+    if meta.get("num_classes") not in (None, num_classes):
+        raise ConfigError(f"teacher.weights {str(path)!r} was trained for {meta['num_classes']} classes (with "
+                          f"background) but dataset {cfg.data.name!r} needs {num_classes}")
+    teacher = _detector("teacher", cfg.teacher.name, num_classes, cfg.teacher.options)
+    try:
+        load_weights(teacher, path)
+    except ValueError as err:
+        raise ConfigError(f"teacher.weights: {err}") from None
+    return teacher
+
+
+def detection_task(cfg: Config, ctx: distributed.Context) -> Task:
+    def split(name: str):
+        return build_detection_dataset(cfg.data.name, root=cfg.data.root, split=name,
+                                       val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed,
+                                       **cfg.data.options)
+
+    try:
+        if ctx.is_main:  # a generated dataset (shapes) is written once, by rank 0
+            split("train")
+        distributed.barrier(ctx)
+        train, val, test = split("train"), split("val"), split("test")
+    except ValueError as err:  # unknown dataset or option
+        if isinstance(err, DatasetError):
+            raise
+        raise ConfigError(f"data: {err} (see `pcdistill list detection_datasets`)") from None
+    num_classes = train.num_classes + 1
+    student = _detector("model", cfg.model.name, num_classes, cfg.model.options)
+    teacher = _teacher(cfg, num_classes)
+    loss = build_loss(cfg.distill.method, **cfg.distill.loss)
+    try:
+        module = RoIDistiller(student, teacher, loss, alpha=cfg.distill.alpha, warmup_epochs=cfg.distill.warmup_epochs,
+                              box_reg_weight=cfg.distill.box_reg_weight)
+    except ValueError as err:
+        raise ConfigError(f"teacher/model: {err}") from None
+    common = dict(seed=cfg.trainer.seed, rank=ctx.rank, world_size=ctx.world_size,
+                  num_workers=cfg.trainer.num_workers, device=ctx.device)
+    train_loader = DetectionLoader(train, batch_size=cfg.trainer.batch_size, train=True, flip=cfg.data.augment,
+                                   **common)
+    if len(train_loader) == 0:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} leaves no full batch: the train split of "
+                          f"{cfg.data.name!r} has {len(train)} images over {ctx.world_size} process(es)")
+    eval_batch = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
+    eval_loaders = {name: DetectionLoader(ds, batch_size=eval_batch, train=False, **common)
+                    for name, ds in (("val", val), ("test", test)) if len(ds)}
+
+    def evaluate(net, loader) -> dict[str, float]:
+        return coco_evaluate(net, loader, gather=lambda predictions: distributed.gather_objects(predictions, ctx))
+
+    metadata = {"task": "detection", "model": cfg.model.name, "model_options": cfg.model.options,
+                "num_classes": num_classes, "dataset": cfg.data.name,
+                "class_names": list(train.categories.names)}
+    return Task(module, student, train_loader, eval_loaders, evaluate, "AP", metadata)
