@@ -1,10 +1,11 @@
-"""Command line: ``pcdistill train | eval | list | demo``.
+"""Command line: ``pcdistill train | eval | list | demo | bench``.
 
     pcdistill train configs/fashion_mnist/teacher.yaml --out runs/t
     pcdistill train configs/fashion_mnist/pcd.yaml teacher.weights=runs/t/model.safetensors --out runs/pcd
     pcdistill train --resume runs/pcd
     pcdistill eval runs/pcd
     torchrun --nproc_per_node 2 -m pcdistill train configs/digits/pcd.yaml --out runs/ddp
+    pcdistill bench accuracy --out results        # the evidence suite (resumable); --quick for a smoke run
 
 Errors in what you asked for (a config key, a missing dataset, a bad weights file) are printed as one
 paragraph, without a traceback, and exit with status 2.
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="folder for the demo runs (default runs/demo)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the digits recipe's)")
     p.set_defaults(func=cmd_demo)
+
+    from pcdistill.evidence.cli import add_parser
+    add_parser(sub)
     return parser
 
 

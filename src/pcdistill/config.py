@@ -6,7 +6,8 @@ YAML is read with ``yaml.safe_load``: a config is data and never executes code. 
 wrong types are errors that name the key and suggest the closest valid one. Sections:
 
 data      name, root, val_fraction, split_seed (carves val from train; fixed across training seeds),
-          augment, options (dataset-specific, e.g. ``pairs_seed``)
+          train_samples (a stratified subset of the training split, by split_seed), augment,
+          options (dataset-specific, e.g. ``pairs_seed``)
 model     name, options (model factory keyword arguments)
 teacher   name, weights (a ``model.safetensors`` file or a run folder), options
 distill   method (vanilla | kd | dkd | dist | pcd), ce_weight, alpha, warmup_epochs,
@@ -40,6 +41,7 @@ class DataConfig:
     root: str | None = None
     val_fraction: float = 0.1
     split_seed: int = 0
+    train_samples: int | None = None
     augment: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -294,6 +296,8 @@ def validate(cfg: Config) -> None:
                        "distill.box_reg_weight": d.box_reg_weight}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0; got {value}")
+    if cfg.data.train_samples is not None and cfg.data.train_samples <= 0:
+        raise ConfigError(f"data.train_samples must be > 0 (or null for the whole split); got {cfg.data.train_samples}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must lie in [0, 1); got {cfg.data.val_fraction}")
     if sorted(cfg.schedule.milestones) != cfg.schedule.milestones:

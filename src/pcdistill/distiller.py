@@ -18,7 +18,8 @@ class Distiller(nn.Module):
     """Classification distillation: ``ce_weight * CE(student, y) + warmup * alpha * loss(student, teacher)``.
 
     ``warmup = min(epoch / warmup_epochs, 1)`` (1 when ``warmup_epochs`` is 0), as in the PCD/DKD
-    recipes. ``loss`` is any module of :mod:`pcdistill.losses` (or None: a vanilla student, CE only);
+    recipes; the trainer passes ``epoch`` as epochs done, counted continuously (1.0 at the end of the
+    first epoch). ``loss`` is any module of :mod:`pcdistill.losses` (or None: a vanilla student, CE only);
     it receives the targets when it declares ``needs_target`` (DKD) and ``progress`` when it declares
     ``needs_progress`` (PCD's curriculum). The teacher is frozen: no gradients, always in eval mode,
     run under ``torch.no_grad``.

@@ -14,6 +14,7 @@ from torch import nn
 from pcdistill import data as data_lib
 from pcdistill import models
 from pcdistill.config import Config, ConfigError
+from pcdistill.data.base import stratified_carve
 from pcdistill.distiller import Distiller
 from pcdistill.engine import distributed
 from pcdistill.engine.checkpoint import load_weights, read_metadata, resolve_weights
@@ -67,6 +68,11 @@ def classification_task(cfg: Config, ctx: distributed.Context) -> Task:
     splits = data_lib.build(cfg.data.name, root=cfg.data.root, val_fraction=cfg.data.val_fraction,
                             seed=cfg.data.split_seed, **cfg.data.options)
     info = splits.info
+    train_split = splits.train
+    if cfg.data.train_samples is not None and cfg.data.train_samples < len(train_split):
+        # a stratified, seeded subset: the same samples for every training seed and method
+        keep = stratified_carve(train_split.targets, cfg.data.train_samples / len(train_split), cfg.data.split_seed)[1]
+        train_split = train_split.subset(keep)
     student = create_model("model", cfg.model.name, info, cfg.model.options)
     teacher = load_teacher(cfg, info.num_classes, info.in_channels)
     loss = build_loss(cfg.distill.method, **cfg.distill.loss)
@@ -75,11 +81,11 @@ def classification_task(cfg: Config, ctx: distributed.Context) -> Task:
     common = dict(seed=cfg.trainer.seed, rank=ctx.rank, world_size=ctx.world_size,
                   num_workers=cfg.trainer.num_workers, device=ctx.device)
     eval_batch = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
-    train_loader = data_lib.make_loader(splits.train, batch_size=cfg.trainer.batch_size, train=True,
+    train_loader = data_lib.make_loader(train_split, batch_size=cfg.trainer.batch_size, train=True,
                                         augment=cfg.data.augment, **common)
     if len(train_loader) == 0:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} leaves no full batch: the train split "
-                          f"of {cfg.data.name!r} has {len(splits.train)} samples over {ctx.world_size} process(es)")
+                          f"of {cfg.data.name!r} has {len(train_split)} samples over {ctx.world_size} process(es)")
     eval_loaders = {name: data_lib.make_loader(split, batch_size=eval_batch, train=False, **common)
                     for name, split in (("val", splits.val), ("test", splits.test)) if len(split)}
 

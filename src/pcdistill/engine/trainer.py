@@ -202,7 +202,9 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dic
             if cfg.trainer.channels_last and isinstance(inputs, torch.Tensor):
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with autocast(cfg, ctx.device):
-                _, losses = train_module(inputs, targets, epoch=epoch + 1, progress=step / total_steps)
+                # epochs done, counted continuously: 1.0 at the end of the first epoch, as in mdistiller's warmup
+                _, losses = train_module(inputs, targets, epoch=epoch + (batch + 1) / steps_per_epoch,
+                                         progress=step / total_steps)
             loss = sum(losses.values())
             if not torch.isfinite(loss).item():
                 values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())

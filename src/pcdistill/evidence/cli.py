@@ -1,0 +1,37 @@
+"""``pcdistill bench accuracy | analysis``: the evidence suite from the command line."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="the accuracy suite and the bucket analysis (results/ for the README)")
+    what = bench.add_subparsers(dest="bench", required=True)
+    p = what.add_parser("accuracy", help="teachers, then every student variant over seeds; resumable")
+    p.add_argument("--out", default="results", help="results folder (default results/)")
+    p.add_argument("--quick", action="store_true", help="a few-minute smoke run on digits")
+    p.add_argument("--jobs", type=int, default=2, help="parallel single-threaded training processes (default 2)")
+    p.set_defaults(func=cmd_accuracy)
+    p = what.add_parser("analysis", help="teacher-student gap by teacher rank for the suite's students")
+    p.add_argument("--out", default="results", help="results folder of a finished suite")
+    p.add_argument("--dataset", default="fashion_mnist_pairs")
+    p.set_defaults(func=cmd_analysis)
+
+
+def cmd_accuracy(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pcdistill.evidence.suite import full_plan, quick_plan, run_plan
+    run_plan(quick_plan() if args.quick else full_plan(), Path(args.out), jobs=args.jobs, log=tqdm.write)
+    print((Path(args.out) / "accuracy.md").read_text())
+    return 0
+
+
+def cmd_analysis(args: argparse.Namespace) -> int:
+    from pcdistill.config import ConfigError
+    from pcdistill.evidence.analysis import analyse
+    if not (Path(args.out) / "runs.csv").exists():
+        raise ConfigError(f"{args.out}/runs.csv does not exist: run `pcdistill bench accuracy --out {args.out}` first")
+    print(analyse(Path(args.out), args.dataset))
+    return 0
