@@ -3,8 +3,9 @@
 For each dataset one teacher is trained, then every student variant with the same recipe (model,
 optimizer, schedule, epochs, warmup) for several seeds. Each variant keeps its published loss
 settings; the one knob that depends on the data, the weight ``alpha`` of its distillation term, is
-chosen per dataset from ``alpha_grid`` x the published weight, by the **validation** accuracy of
-seed 0 (final epoch). The test split is only read for the report. Results go to ``results/``:
+chosen per dataset from ``alpha_grid`` x the published weight, by the **validation** accuracy of a
+short tuning run (seed 0, ``tune_epochs`` epochs, the same recipe compressed). The test split is
+only read for the report. Results go to ``results/``:
 
     runs.csv        every run: dataset, variant, alpha, seed, phase (tune | final), val/test accuracy, seconds
     accuracy.md     mean +- std of final-epoch test accuracy per variant, and PCD - KD (and - DKD, - vanilla)
@@ -94,31 +95,32 @@ class Recipe:
     lr: float
     batch_size: int = 128
     train_samples: int | None = None
+    tune_epochs: int | None = None  # epochs of the tuning runs (default: all)
     options: dict = field(default_factory=dict)
 
-    def base(self, model: str, seed: int) -> dict:
+    def base(self, model: str, seed: int, epochs: int | None = None) -> dict:
         return {
             "data": {"name": self.dataset, "val_fraction": 0.1, "train_samples": self.train_samples,
                      "options": dict(self.options)},
             "model": {"name": model},
             "optim": {"name": "sgd", "lr": self.lr, "momentum": 0.9, "weight_decay": 5e-4},
             "schedule": {"name": "cosine"},
-            "trainer": {"epochs": self.epochs, "batch_size": self.batch_size, "seed": seed, "device": "cpu",
-                        "log_every": 1000},
+            "trainer": {"epochs": epochs or self.epochs, "batch_size": self.batch_size, "seed": seed,
+                        "device": "cpu", "log_every": 1000},
         }
 
-    @property
-    def warmup_epochs(self) -> float:
-        return self.epochs / 12  # the paper's 20 of 240 epochs
+    def warmup_epochs(self, epochs: int | None = None) -> float:
+        return (epochs or self.epochs) / 12  # the paper's 20 of 240 epochs
 
 
 FULL = {
-    "digits": Recipe("digits", "cnn_large", "cnn_tiny", epochs=40, lr=0.05, batch_size=64),
-    "fashion_mnist": Recipe("fashion_mnist", "cnn_large", "cnn_tiny", epochs=12, lr=0.05, train_samples=20000),
-    "fashion_mnist_pairs": Recipe("fashion_mnist_pairs", "cnn_large", "cnn_tiny", epochs=12, lr=0.05,
-                                  train_samples=20000),
+    "digits": Recipe("digits", "cnn_large", "cnn_tiny", epochs=40, lr=0.05, batch_size=64, tune_epochs=10),
+    "fashion_mnist": Recipe("fashion_mnist", "cnn_small", "cnn_tiny", epochs=10, lr=0.05, train_samples=8000,
+                            tune_epochs=3),
+    "fashion_mnist_pairs": Recipe("fashion_mnist_pairs", "cnn_small", "cnn_tiny", epochs=10, lr=0.05,
+                                  train_samples=10000, tune_epochs=3),
 }
-QUICK = {"digits": Recipe("digits", "cnn_small", "cnn_tiny", epochs=2, lr=0.05, batch_size=128)}
+QUICK = {"digits": Recipe("digits", "cnn_small", "cnn_tiny", epochs=2, lr=0.05, batch_size=128, tune_epochs=1)}
 
 
 @dataclass
@@ -205,8 +207,8 @@ def _quiet_run(config: dict, out_dir: str) -> dict:
 def run_plan(plan: Plan, results: Path, jobs: int = 2, log=print) -> list[dict]:
     """Every run of ``plan`` (skipping finished ones); writes and returns the rows of ``runs.csv``.
 
-    Teachers first, then seed 0 of every variant at every weight of the grid (tuning), then the other
-    seeds at the weight chosen on validation, and the ablations at PCD's chosen weight.
+    Teachers first, then short seed-0 runs of every variant at every weight of the grid (tuning), then
+    every seed at the weight chosen on validation, and the ablations at PCD's chosen weight.
     """
     results.mkdir(parents=True, exist_ok=True)
     runs_dir = results / "runs"
@@ -221,13 +223,15 @@ def run_plan(plan: Plan, results: Path, jobs: int = 2, log=print) -> list[dict]:
 
     def job(dataset: str, variant: Variant, scale: float, seed: int, phase: str) -> Job:
         recipe = plan.recipes[dataset]
+        epochs = recipe.tune_epochs if phase == "tune" else None
         name = variant.name if variant.method == "vanilla" else f"{variant.name}@{scale:g}"
         teacher = {"name": recipe.teacher, "weights": str(teacher_dir(dataset) / "model.safetensors")}
-        config = recipe.base(recipe.student, seed) | {
+        config = recipe.base(recipe.student, seed, epochs) | {
             "teacher": teacher if variant.method != "vanilla" else {},
-            "distill": variant.distill(scale, recipe.warmup_epochs),
-            "description": f"{dataset} {variant.name} (alpha x{scale:g}), seed {seed}"}
-        return Job((dataset, variant.name, scale, seed, phase), config, runs_dir / dataset / _slug(name) / f"seed{seed}")
+            "distill": variant.distill(scale, recipe.warmup_epochs(epochs)),
+            "description": f"{dataset} {variant.name} (alpha x{scale:g}), seed {seed}, {phase}"}
+        folder = runs_dir / dataset / ("tune" if phase == "tune" else "final") / _slug(name) / f"seed{seed}"
+        return Job((dataset, variant.name, scale, seed, phase), config, folder)
 
     def scales(variant: Variant) -> tuple[float, ...]:
         return (1.0,) if variant.method == "vanilla" else plan.alpha_grid
@@ -241,7 +245,7 @@ def run_plan(plan: Plan, results: Path, jobs: int = 2, log=print) -> list[dict]:
             chosen[dataset, variant.name] = max(grid, key=lambda a: (
                 tuning[dataset, variant.name, a, plan.seeds[0], "tune"]["val_acc"] or 0.0, -abs(math.log(a))))
     finals = [job(d, v, chosen[d, v.name], s, "final") for d in plan.recipes for v in plan.variants
-              for s in plan.seeds[1:]]
+              for s in plan.seeds]
     if plan.ablation_dataset in plan.recipes:
         finals += [job(plan.ablation_dataset, v, chosen[plan.ablation_dataset, "pcd"], s, "final")
                    for v in plan.ablations for s in plan.seeds]
@@ -252,8 +256,6 @@ def run_plan(plan: Plan, results: Path, jobs: int = 2, log=print) -> list[dict]:
         variant = next((v for v in plan.variants + plan.ablations if v.name == name), None)
         alpha = None if variant is None or variant.method == "vanilla" else variant.alpha * scale
         rows.append({"dataset": dataset, "variant": name, "alpha": alpha, "seed": seed, "phase": phase} | result)
-        if phase == "tune" and scale == chosen[dataset, name]:
-            rows.append(dict(rows[-1], phase="final"))
     write_outputs(plan, rows, results, time.perf_counter() - started)
     return rows
 
@@ -342,7 +344,8 @@ def write_outputs(plan: Plan, rows: list[dict], results: Path, seconds: float) -
     env = environment(seconds)
     (results / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
     header = (f"Final-epoch accuracy (%), {len(plan.seeds)} seeds; alpha chosen per dataset and variant from "
-              f"{list(plan.alpha_grid)} x its published weight by seed {plan.seeds[0]}'s validation accuracy. "
+              f"{list(plan.alpha_grid)} x its published weight by the validation accuracy of a short seed-"
+              f"{plan.seeds[0]} run (tune_epochs). "
               f"{env['date']}, torch {env['torch']}, {env['cpu']} ({env['cores']} cores).")
     main = [v.name for v in plan.variants]
     text = "\n".join(["# Accuracy suite", "", header, "", accuracy_table(plan, rows, main), "",
