@@ -12,8 +12,7 @@ from pcdistill.detection.distill import RoIDistiller
 from pcdistill.detection.evaluate import coco_evaluate
 from pcdistill.detection.models import create_detector
 from pcdistill.engine import distributed
-from pcdistill.engine.checkpoint import load_weights, read_metadata, resolve_weights
-from pcdistill.engine.tasks import Task
+from pcdistill.engine.tasks import Task, load_teacher
 from pcdistill.losses import build_loss
 
 
@@ -22,28 +21,6 @@ def _detector(section: str, name: str, num_classes: int, options: dict):
         return create_detector(name, num_classes, **options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{section}: {err} (see `pcdistill list detectors`)") from None
-
-
-def _teacher(cfg: Config, num_classes: int):
-    if not cfg.teacher.name:
-        return None
-    if not cfg.teacher.weights:
-        raise ConfigError(f"teacher.weights is not set: the {cfg.teacher.name} teacher would be untrained; point it "
-                          f"to the model.safetensors of a detection teacher run")
-    try:
-        path = resolve_weights(cfg.teacher.weights)
-    except FileNotFoundError as err:
-        raise ConfigError(f"teacher.weights: {err}") from None
-    meta = read_metadata(path)
-    if meta.get("num_classes") not in (None, num_classes):
-        raise ConfigError(f"teacher.weights {str(path)!r} was trained for {meta['num_classes']} classes (with "
-                          f"background) but dataset {cfg.data.name!r} needs {num_classes}")
-    teacher = _detector("teacher", cfg.teacher.name, num_classes, cfg.teacher.options)
-    try:
-        load_weights(teacher, path)
-    except ValueError as err:
-        raise ConfigError(f"teacher.weights: {err}") from None
-    return teacher
 
 
 def detection_task(cfg: Config, ctx: distributed.Context) -> Task:
@@ -63,7 +40,8 @@ def detection_task(cfg: Config, ctx: distributed.Context) -> Task:
         raise ConfigError(f"data: {err} (see `pcdistill list detection_datasets`)") from None
     num_classes = train.num_classes + 1
     student = _detector("model", cfg.model.name, num_classes, cfg.model.options)
-    teacher = _teacher(cfg, num_classes)
+    teacher = load_teacher(cfg, num_classes,
+                           lambda: _detector("teacher", cfg.teacher.name, num_classes, cfg.teacher.options))
     loss = build_loss(cfg.distill.method, **cfg.distill.loss)
     try:
         module = RoIDistiller(student, teacher, loss, alpha=cfg.distill.alpha, warmup_epochs=cfg.distill.warmup_epochs,

@@ -41,10 +41,14 @@ def create_model(section: str, name: str, shape, options: dict) -> nn.Module:
         raise ConfigError(f"{section}: {err} (see `pcdistill list models`)") from None
 
 
-def load_teacher(cfg: Config, num_classes: int, in_channels: int) -> nn.Module | None:
+def load_teacher(cfg: Config, num_classes: int, build: Callable[[], nn.Module]) -> nn.Module | None:
+    """The teacher ``build()`` makes, with ``cfg.teacher.weights`` loaded; None without a teacher.
+
+    ``num_classes`` is what the dataset needs (for detection, with the background); weights trained
+    for another count are refused before loading.
+    """
     if not cfg.teacher.name:
         return None
-    teacher = create_model("teacher", cfg.teacher.name, (num_classes, in_channels), cfg.teacher.options)
     if not cfg.teacher.weights:
         raise ConfigError(f"teacher.weights is not set: the {cfg.teacher.name} teacher would be untrained; "
                           f"point it to a model.safetensors from a teacher run (pcdistill train "
@@ -57,6 +61,7 @@ def load_teacher(cfg: Config, num_classes: int, in_channels: int) -> nn.Module |
     if meta.get("num_classes") not in (None, num_classes):
         raise ConfigError(f"teacher.weights {str(path)!r} was trained for {meta['num_classes']} classes but "
                           f"dataset {cfg.data.name!r} has {num_classes}; teacher and student must share classes")
+    teacher = build()
     try:
         load_weights(teacher, path)
     except ValueError as err:
@@ -74,7 +79,8 @@ def classification_task(cfg: Config, ctx: distributed.Context) -> Task:
         keep = stratified_carve(train_split.targets, cfg.data.train_samples / len(train_split), cfg.data.split_seed)[1]
         train_split = train_split.subset(keep)
     student = create_model("model", cfg.model.name, info, cfg.model.options)
-    teacher = load_teacher(cfg, info.num_classes, info.in_channels)
+    teacher = load_teacher(cfg, info.num_classes,
+                           lambda: create_model("teacher", cfg.teacher.name, info, cfg.teacher.options))
     loss = build_loss(cfg.distill.method, **cfg.distill.loss)
     module = Distiller(student, teacher, loss, ce_weight=cfg.distill.ce_weight, alpha=cfg.distill.alpha,
                        warmup_epochs=cfg.distill.warmup_epochs)
