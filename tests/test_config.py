@@ -99,3 +99,14 @@ def test_cifar_pcd_config_follows_the_papers_recipe():
 def test_digits_configs_are_the_demo_recipe(name):
     shipped = yaml.safe_load((REPO / "configs" / "digits" / f"{name}.yaml").read_text())
     assert from_dict(shipped) == from_dict(recipe(name, "runs/digits/teacher/model.safetensors"))
+
+
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "fashion_mnist_pairs"])
+@pytest.mark.parametrize("name", ["teacher", "vanilla", "kd", "dkd", "pcd"])
+def test_fashion_configs_are_the_suite_recipe(dataset, name):
+    from pcdistill.evidence.suite import FULL, VARIANTS, student_config, teacher_config
+    recipe = FULL[dataset]
+    shipped = yaml.safe_load((REPO / "configs" / dataset / f"{name}.yaml").read_text())
+    want = teacher_config(recipe) if name == "teacher" else student_config(
+        recipe, next(v for v in VARIANTS if v.name == name), f"runs/{dataset}/teacher/model.safetensors")
+    assert from_dict(shipped) == from_dict(want)

@@ -16,7 +16,8 @@ optim     name (sgd | adamw), lr, momentum, weight_decay, nesterov, clip_grad_no
 schedule  name (multistep | cosine | constant), milestones, gamma, unit (epoch | iteration),
           warmup (linear learning-rate warmup, in that unit), min_lr
 trainer   epochs, iterations, batch_size, eval_batch_size, seed, device, amp, compile, channels_last,
-          num_workers, sync_bn, threads, log_every, checkpoint_every
+          num_workers, sync_bn, threads, log_every, eval_every (epochs; the last is always evaluated),
+          checkpoint_every (steps)
 """
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ class TrainerConfig:
     sync_bn: bool = False
     threads: int | None = None
     log_every: int = 50
+    eval_every: int = 1
     checkpoint_every: int = 0
 
 
@@ -279,7 +281,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}{closest(value, choices)}")
     t, d = cfg.trainer, cfg.distill
     positive = {"trainer.epochs": t.epochs, "trainer.batch_size": t.batch_size, "optim.lr": cfg.optim.lr,
-                "trainer.log_every": t.log_every}
+                "trainer.log_every": t.log_every, "trainer.eval_every": t.eval_every}
     if t.iterations is not None:
         positive["trainer.iterations"] = t.iterations
     if t.eval_batch_size is not None:

@@ -243,10 +243,11 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dic
         record = {"epoch": epoch + 1, "step": step, "train_loss": mean.pop("total")}
         record |= {f"train_{n}": v for n, v in mean.items()}
         module.eval()
-        with torch.no_grad(), autocast(cfg, ctx.device):
-            for split, loader in task.eval_loaders.items():
-                for metric, value in task.evaluate(eval_net, loader).items():
-                    record[f"{split}_{metric}"] = value
+        if (epoch + 1) % cfg.trainer.eval_every == 0 or epoch + 1 == epochs:
+            with torch.no_grad(), autocast(cfg, ctx.device):
+                for split, loader in task.eval_loaders.items():
+                    for metric, value in task.evaluate(eval_net, loader).items():
+                        record[f"{split}_{metric}"] = value
         record |= {"lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - epoch_start,
                    "world_size": ctx.world_size}
         records.epoch(record)

@@ -106,7 +106,7 @@ class Recipe:
             "optim": {"name": "sgd", "lr": self.lr, "momentum": 0.9, "weight_decay": 5e-4},
             "schedule": {"name": "cosine"},
             "trainer": {"epochs": epochs or self.epochs, "batch_size": self.batch_size, "seed": seed,
-                        "device": "cpu", "log_every": 1000},
+                        "device": "cpu", "log_every": 1000, "eval_every": epochs or self.epochs},
         }
 
     def warmup_epochs(self, epochs: int | None = None) -> float:
@@ -118,9 +118,22 @@ FULL = {
     "fashion_mnist": Recipe("fashion_mnist", "cnn_small", "cnn_tiny", epochs=10, lr=0.05, train_samples=8000,
                             tune_epochs=3),
     "fashion_mnist_pairs": Recipe("fashion_mnist_pairs", "cnn_small", "cnn_tiny", epochs=10, lr=0.05,
-                                  train_samples=10000, tune_epochs=3),
+                                  tune_epochs=3, options={"train_pairs": 10000, "test_pairs": 5000}),
 }
 QUICK = {"digits": Recipe("digits", "cnn_small", "cnn_tiny", epochs=2, lr=0.05, batch_size=128, tune_epochs=1)}
+
+
+def student_config(recipe: Recipe, variant: Variant, teacher_weights: str, seed: int = 0, scale: float = 1.0,
+                   epochs: int | None = None) -> dict:
+    """The config dict of one student run of the suite (``configs/<dataset>/*.yaml`` are these, at scale 1)."""
+    teacher = {"name": recipe.teacher, "weights": teacher_weights} if variant.method != "vanilla" else {}
+    return recipe.base(recipe.student, seed, epochs) | {
+        "teacher": teacher, "distill": variant.distill(scale, recipe.warmup_epochs(epochs)),
+        "description": f"{recipe.dataset} student {recipe.student}: {variant.name} ({variant.description})"}
+
+
+def teacher_config(recipe: Recipe) -> dict:
+    return recipe.base(recipe.teacher, 0) | {"description": f"{recipe.dataset} teacher {recipe.teacher}"}
 
 
 @dataclass
@@ -218,18 +231,14 @@ def run_plan(plan: Plan, results: Path, jobs: int = 2, log=print) -> list[dict]:
     def teacher_dir(dataset: str) -> Path:
         return runs_dir / dataset / "teacher"
 
-    teachers = runner.run([Job((d, "teacher", None, 0, "teacher"), r.base(r.teacher, 0) | {"description": f"{d} teacher"},
-                               teacher_dir(d)) for d, r in plan.recipes.items()], "teachers")
+    teachers = runner.run([Job((d, "teacher", None, 0, "teacher"), teacher_config(r), teacher_dir(d))
+                           for d, r in plan.recipes.items()], "teachers")
 
     def job(dataset: str, variant: Variant, scale: float, seed: int, phase: str) -> Job:
         recipe = plan.recipes[dataset]
         epochs = recipe.tune_epochs if phase == "tune" else None
         name = variant.name if variant.method == "vanilla" else f"{variant.name}@{scale:g}"
-        teacher = {"name": recipe.teacher, "weights": str(teacher_dir(dataset) / "model.safetensors")}
-        config = recipe.base(recipe.student, seed, epochs) | {
-            "teacher": teacher if variant.method != "vanilla" else {},
-            "distill": variant.distill(scale, recipe.warmup_epochs(epochs)),
-            "description": f"{dataset} {variant.name} (alpha x{scale:g}), seed {seed}, {phase}"}
+        config = student_config(recipe, variant, str(teacher_dir(dataset) / "model.safetensors"), seed, scale, epochs)
         folder = runs_dir / dataset / ("tune" if phase == "tune" else "final") / _slug(name) / f"seed{seed}"
         return Job((dataset, variant.name, scale, seed, phase), config, folder)
 
