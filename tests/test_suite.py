@@ -73,3 +73,14 @@ def test_bucket_gaps_against_a_per_sample_loop():
             kls.append((qt * (qt.log() - qs.log())).sum().item())
         assert got[label][0] == pytest.approx(np.mean(gaps))
         assert got[label][1] == pytest.approx(np.mean(kls), abs=1e-12)
+
+
+def test_report_replaces_only_the_marked_section(quick, tmp_path):
+    from pcdistill.evidence.report import BEGIN, END, update_readme
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nkept\n\n{BEGIN}\nold\n{END}\n\nalso kept\n")
+    (quick / "discussion.md").write_text("## What we found\n\nPCD did X.\n")
+    update_readme(readme, quick)
+    text = readme.read_text()
+    assert text.startswith("# title\n\nkept") and text.endswith("also kept\n") and "old" not in text
+    assert "#### What we found" in text and "| pcd |" in text and "Measured" in text

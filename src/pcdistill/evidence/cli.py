@@ -1,4 +1,4 @@
-"""``pcdistill bench accuracy | analysis``: the evidence suite from the command line."""
+"""``pcdistill bench accuracy | analysis | report``: the evidence suite from the command line."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,10 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="results", help="results folder of a finished suite")
     p.add_argument("--dataset", default="fashion_mnist_pairs")
     p.set_defaults(func=cmd_analysis)
+    p = what.add_parser("report", help="write results/ into the README between its results markers")
+    p.add_argument("--out", default="results", help="results folder")
+    p.add_argument("--readme", default="README.md")
+    p.set_defaults(func=cmd_report)
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
@@ -34,4 +38,11 @@ def cmd_analysis(args: argparse.Namespace) -> int:
     if not (Path(args.out) / "runs.csv").exists():
         raise ConfigError(f"{args.out}/runs.csv does not exist: run `pcdistill bench accuracy --out {args.out}` first")
     print(analyse(Path(args.out), args.dataset))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pcdistill.evidence.report import update_readme
+    update_readme(Path(args.readme), Path(args.out))
+    print(f"updated {args.readme} from {args.out}/")
     return 0
