@@ -62,8 +62,11 @@ def augment_batch(images: torch.Tensor, augment: Augment, generator: torch.Gener
     return crop_flip(images, augment.pad, offsets[0], offsets[1], flip)
 
 
-class _Loader:
-    """Index bookkeeping shared by both loader kinds: sampler, epoch, length."""
+class ShardedLoader:
+    """Index bookkeeping shared by the loaders (also detection's): sampler, epoch, length, shard.
+
+    Subclasses iterate over `_indices()` from `start_batch` on, drawing randomness from `_generator()`.
+    """
 
     def __init__(self, dataset, batch_size: int, train: bool, seed: int, rank: int, world_size: int, device,
                  augment: bool = True):
@@ -118,7 +121,7 @@ class _Loader:
         return math.ceil(self.num_samples / self.batch_size)
 
 
-class TensorLoader(_Loader):
+class TensorLoader(ShardedLoader):
     """Loader of a `TensorDataset`: one gather per batch, then transfer, augmentation and
     normalization as whole-batch tensor ops on the target device."""
 
@@ -180,7 +183,7 @@ class _Keys:
         return len(self.keys)
 
 
-class SampleLoader(_Loader):
+class SampleLoader(ShardedLoader):
     """Loader of a `SampleDataset` through a `torch.utils.data.DataLoader` (workers, per-sample
     transforms); same order semantics as `TensorLoader`."""
 

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from pcdistill.data.base import DatasetError, derive_seed
+from pcdistill.data.loaders import ShardedLoader
 from pcdistill.registry import Registry
 
 SPLITS = ("train", "val", "test")
@@ -251,7 +252,7 @@ class _Keyed(Dataset):
         return self.dataset.sample(*key)
 
 
-class DetectionLoader:
+class DetectionLoader(ShardedLoader):
     """Batches of `(list of images, list of targets)` on `device` from a `CocoDetection`.
 
     * train: shuffled by `DistributedSampler(shuffle=True, drop_last=True)` seeded by `seed` and the
@@ -265,42 +266,16 @@ class DetectionLoader:
 
     def __init__(self, dataset: CocoDetection, *, batch_size: int, train: bool, seed: int = 0, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, device="cpu", flip: bool = True):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
-        self.dataset = dataset
-        self.batch_size = int(batch_size)
-        self.train = bool(train)
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        super().__init__(dataset, batch_size, train, seed, rank, world_size, device, augment=flip)
         self.num_workers = int(num_workers)
-        self.device = torch.device(device)
-        self.flip = bool(flip)
-        self.epoch = 0
-        self.start_batch = 0
-        self._sampler = (DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                            drop_last=True) if train else None)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch whose order and flips the next iteration produces, from batch `start_batch` on."""
-        self.epoch = int(epoch)
-        self.start_batch = int(start_batch)
-        if self._sampler is not None:
-            self._sampler.set_epoch(self.epoch)
-
-    def __len__(self) -> int:
-        if self._sampler is not None:
-            return self._sampler.num_samples // self.batch_size
-        return math.ceil(len(range(self.rank, len(self.dataset), self.world_size)) / self.batch_size)
 
     def keys(self) -> list[tuple[int, bool]]:
-        """The (index, flip) pairs this rank reads this epoch, in order."""
-        if self._sampler is None:
-            return [(i, False) for i in range(self.rank, len(self.dataset), self.world_size)]
-        order = list(self._sampler)[: len(self) * self.batch_size]
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank))
-        flips = torch.rand(len(order), generator=generator) < 0.5
-        return [(i, bool(f) and self.flip) for i, f in zip(order, flips.tolist())]
+        """The (index, flip) pairs this rank reads this epoch, in order (from batch 0)."""
+        order = self._indices().tolist()
+        if not self.train:
+            return [(i, False) for i in order]
+        flips = torch.rand(len(order), generator=self._generator()) < 0.5
+        return [(i, bool(f) and self.augment) for i, f in zip(order, flips.tolist())]
 
     def __iter__(self):
         # The DataLoader draws its workers' base seed from `generator`, not from the global RNG.
