@@ -431,6 +431,30 @@ def test_extreme_logits_stay_finite():
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("K", [1, 3])
+def test_empty_batch_gives_zero(K, ordering):
+    s, t = pair((0, 10), seed=0)
+    s.requires_grad_(True)
+    out = pcd_loss(s, t, stages=K)
+    out.backward()
+    assert out.item() == 0.0 and s.grad.shape == (0, 10)
+
+
+def test_interleaved_calls_keep_their_own_gradients(ordering):
+    """Work buffers reused across calls (CPU) never leak into another call's value or saved gradient."""
+    shapes = [(5, 40), (3, 17), (5, 40)]
+    runs = []
+    for i, shape in enumerate(shapes):
+        s, t = pair(shape, seed=20 + i)
+        s.requires_grad_(True)
+        runs.append((s, t, pcd_loss(s, t, stages=3)))
+    for s, t, out in reversed(runs):
+        out.backward()
+        want, g_want = value_and_grad(ref_pcd, s.detach(), t, stages=3)
+        torch.testing.assert_close(out.detach(), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(s.grad, g_want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.slow
 def test_torch_compile_matches_eager():
     s, t = pair((16, 40), seed=0, dtype=torch.float32)

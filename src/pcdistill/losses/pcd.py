@@ -124,7 +124,7 @@ def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temp
 
     stage_groups, factor = stage_sequence(stages, schedule, progress)
     layout = layout_for(num_classes, tuple(stage_groups))
-    slot = kernel.class_slots(s, t, rank_by, layout)
+    slot = kernel.class_slots(s, t, rank_by, layout, reuse=True)  # consumed in PCDRows.forward
     row = kernel.PCDRows.apply(s, t, slot, layout, factor, temperature, bool(adaptive))
     return reduce_rows(row, mask, reduction, leading)
 
