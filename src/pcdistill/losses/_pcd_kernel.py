@@ -157,11 +157,12 @@ def _host(device: torch.device) -> str:
 # Priority order -> the slot of every class
 # ----------------------------------------------------------------------------------------------
 def priority_key(s: torch.Tensor, t: torch.Tensor, rank_by: str,
-                 out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Values whose descending order (ties: lower class index first) is the distillation priority."""
+                 out: torch.Tensor | None = None, spare: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Values whose descending order (ties: lower class index first) is the distillation priority.
+    ``out`` and ``spare`` (optional, the shape of ``s``) receive the key and an intermediate."""
     if rank_by == "abs_diff":
         key = torch.sub(t, t.mean(dim=-1, keepdim=True), out=out)
-        return key.sub_(s - s.mean(dim=-1, keepdim=True)).abs_()
+        return key.sub_(torch.sub(s, s.mean(dim=-1, keepdim=True), out=spare)).abs_()
     if rank_by == "teacher":
         return t
     return None
@@ -292,7 +293,8 @@ def class_slots(s: torch.Tensor, t: torch.Tensor, rank_by: str, layout: Layout,
     if backend == "auto":
         backend = _host(s.device)
     if backend == "numpy":  # torch-owned memory (see _buffer's comment); torch is ~2x numpy on the key
-        key = priority_key(s.detach(), t.detach(), rank_by, out=_scratch("key", s.shape, s))
+        key = priority_key(s.detach(), t.detach(), rank_by, out=_scratch("key", s.shape, s),
+                           spare=_scratch("centred_s", s.shape, s))
         out = _scratch("slot", s.shape, s, torch.long) if reuse else torch.empty(s.shape, dtype=torch.long)
         _slots_numpy(key.contiguous().numpy(), layout, rank_by == "abs_diff", out.numpy())
         return out
