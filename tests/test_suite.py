@@ -26,7 +26,7 @@ def test_quick_suite_writes_every_run_and_the_tables(quick):
         rows = list(csv.DictReader(f))
     finals = [r for r in rows if r["phase"] == "final"]
     assert len([r for r in rows if r["phase"] == "teacher"]) == 1
-    assert len(finals) == (len(plan.variants) + len(plan.ablations)) * len(plan.seeds)
+    assert len(finals) == len(plan.variants) * len(plan.seeds) + len(plan.ablations) * len(plan.ablation_seeds)
     assert all(0 <= float(r["test_acc"]) <= 100 for r in rows)
     table = (quick / "accuracy.md").read_text()
     for name in ("vanilla", "kd", "dkd", "dist", "kd+ls", "pcd", "pcd-curriculum", "pcd-released", "pcd+ls"):
