@@ -10,7 +10,7 @@ only read for the report. Results go to ``results/``:
     runs.csv        every run: dataset, variant, alpha, seed, phase (tune | final), val/test accuracy, seconds
     accuracy.md     mean +- std of final-epoch test accuracy per variant, and PCD - KD (and - DKD, - vanilla)
                     with 95% t-intervals over seeds (paired: the same seed gives the same data order and init)
-    ablation.md     PCD's stages, ranking, adaptive weight and schedule on fashion_mnist_pairs
+    ablation.md     PCD's stages, ranking, adaptive weight and schedule on fashion_mnist_pairs (``ablation_seeds``)
     environment.json  versions, hardware, date, wall time
 
 Resumable: a finished run (its ``model.safetensors`` exists) is not redone, a killed one is resumed
