@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from pcdistill import losses
 from pcdistill.losses import (DISTLoss, DKDLoss, KDLoss, PCDLoss, dist_loss, dkd_loss, kd_loss, pcd_loss,
                               standardize_logits)
-from pcdistill.losses import _pcd_kernel as kernel
+from pcdistill.losses import _pcd_rows as kernel
+from pcdistill.losses import _rows as rows_module
 from pcdistill.losses import pcd as pcd_module
 
 
@@ -110,10 +111,11 @@ def value_and_grad(fn, s, t, **kw):
     return out.detach(), s.grad
 
 
-@pytest.fixture(params=["numpy", "torch"])
-def ordering(request, monkeypatch):
-    """Run a test with each way of ordering the classes (numpy thresholds on CPU; torch argsort)."""
-    monkeypatch.setattr(kernel, "ORDERING", request.param)
+@pytest.fixture(params=["one_chunk", "row_by_row"])
+def chunking(request, monkeypatch):
+    """Run a test with all rows in one chunk, and with a budget so small that every row is its own chunk."""
+    if request.param == "row_by_row":
+        monkeypatch.setattr(rows_module, "_budget_bytes", 1)
     return request.param
 
 
@@ -129,7 +131,7 @@ CASES = [  # (leading shape, C, K)
 @pytest.mark.parametrize("lead,C,K", CASES)
 @pytest.mark.parametrize("rank_by", ["abs_diff", "teacher", "none"])
 @pytest.mark.parametrize("adaptive", [True, False])
-def test_pcd_matches_reference(lead, C, K, rank_by, adaptive, ordering):
+def test_pcd_matches_reference(lead, C, K, rank_by, adaptive, chunking):
     s, t = pair(lead + (C,), seed=C * 31 + K)
     kw = dict(stages=K, rank_by=rank_by, adaptive=adaptive)
     got, g_got = value_and_grad(pcd_loss, s, t, **kw)
@@ -140,7 +142,7 @@ def test_pcd_matches_reference(lead, C, K, rank_by, adaptive, ordering):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("rank_by", ["abs_diff", "teacher"])
-def test_pcd_ties_follow_lower_class_index(seed, rank_by, ordering):
+def test_pcd_ties_follow_lower_class_index(seed, rank_by, chunking):
     C, K = 12, 5
     s, t = pair((8, C), seed=seed, integer=True)
     for kw in (dict(stages=K), dict(stages=K, adaptive=False), dict(stages=4, standardize=True)):
@@ -162,10 +164,8 @@ def explicit_groups_loss(s, t, groups, temperature=4.0):
     return total
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
-def test_ties_are_broken_by_lower_class_index(backend, monkeypatch):
+def test_ties_are_broken_by_lower_class_index(chunking):
     """Teacher logits 1, 1 for classes 0 and 1: class 0 must join the top group, class 1 the bottom one."""
-    monkeypatch.setattr(kernel, "ORDERING", backend)
     s = torch.tensor([[0.5, -0.5, 0.0, 0.0]])
     t = torch.tensor([[1.0, 1.0, 0.0, 3.0]])
     s64, t64 = s[0].double(), t[0].double()
@@ -179,7 +179,7 @@ def test_ties_are_broken_by_lower_class_index(backend, monkeypatch):
 
 @pytest.mark.parametrize("progress", [0.0, 0.1, 1 / 6, 0.34, 0.5, 0.51, 0.83, 0.999, 1.0])
 @pytest.mark.parametrize("K", [1, 3, 4])
-def test_curriculum_matches_reference(progress, K, ordering):
+def test_curriculum_matches_reference(progress, K, chunking):
     s, t = pair((5, 17), seed=K)
     kw = dict(stages=K, schedule="curriculum", progress=progress)
     got, g_got = value_and_grad(pcd_loss, s, t, **kw)
@@ -198,7 +198,7 @@ def test_curriculum_phase_rule():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("standardize", [False, True])
-def test_reductions_valid_and_standardize(reduction, standardize, ordering):
+def test_reductions_valid_and_standardize(reduction, standardize, chunking):
     s, t = pair((3, 4, 9), seed=7)
     valid = torch.tensor([[True, False, True, True], [False, False, True, False], [True, True, True, False]])
     kw = dict(stages=3, reduction=reduction, standardize=standardize, valid=valid)
@@ -242,7 +242,7 @@ def test_dkd_no_valid_row_gives_differentiable_zero():
 
 @pytest.mark.parametrize("kw", [dict(stages=3), dict(stages=4, adaptive=False), dict(stages=2, rank_by="teacher"),
                                 dict(stages=3, schedule="curriculum", progress=0.6), dict(stages=3, standardize=True)])
-def test_pcd_gradcheck(kw, ordering):
+def test_pcd_gradcheck(kw, chunking):
     s, t = pair((3, 8), seed=11)
     s.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: pcd_loss(x, t, **kw), (s,), eps=1e-6, atol=1e-7)
@@ -270,7 +270,7 @@ def test_adding_a_constant_to_a_row_changes_nothing(rank_by):
 
 
 @pytest.mark.parametrize("rank_by", ["abs_diff", "teacher"])
-def test_permuting_classes_changes_nothing(rank_by, ordering):
+def test_permuting_classes_changes_nothing(rank_by, chunking):
     s, t = pair((6, 15), seed=9)
     perm = torch.randperm(15, generator=torch.Generator().manual_seed(0))
     a = pcd_loss(s, t, stages=5, rank_by=rank_by)
@@ -323,52 +323,14 @@ def test_group_of_one_class_contributes_nothing():
     assert pcd_loss(s, t, stages=4, schedule="curriculum", progress=0.0).item() == 0.0
 
 
-def test_group_sizes_follow_tensor_split():
-    for C in (7, 10, 13, 100):
-        for g in range(1, min(C, 9) + 1):
-            want = [len(x) for x in torch.tensor_split(torch.arange(C), g)]
-            assert kernel.group_sizes(C, g) == want
-
-
-@pytest.mark.parametrize("rank_by", ["abs_diff", "teacher"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_class_slots_agree_with_a_full_sort(rank_by, dtype):
-    """Both backends give each class a distinct slot inside the block range of the atom its rank falls in."""
-    g = torch.Generator().manual_seed(0)
-    for C, stages in ((50, (1, 2, 3)), (37, (1, 2, 3, 4, 5, 6, 7)), (10, (4,)), (1000, (1, 2, 3)), (9, (9,)),
-                      (200, tuple(range(1, 13)))):
-        layout = kernel.layout_for(C, stages)
-        rank_edges = np.cumsum((0,) + layout.atom_sizes)
-        slot_starts = np.asarray(layout.atom_first_slot)
-        for integer in (False, True):
-            if integer:
-                s, t = (torch.randint(-3, 4, (20, C), generator=g).to(dtype) for _ in range(2))
-            else:
-                s, t = (torch.randn(20, C, generator=g, dtype=dtype) for _ in range(2))
-            key = pcd_module.priority_key(s, t, rank_by)
-            for backend in ("numpy", "torch"):
-                slots = kernel.class_slots(s, t, rank_by, layout, backend=backend)
-                for i in range(20):
-                    assert len(set(slots[i].tolist())) == C
-                    values = key[i].tolist()
-                    order = sorted(range(C), key=lambda c: (-values[c], c))
-                    atom_of_rank = np.searchsorted(rank_edges, range(C), side="right") - 1
-                    atom_of_slot = np.searchsorted(slot_starts, slots[i].numpy(), side="right") - 1
-                    want = np.empty(C, dtype=np.int64)
-                    want[order] = atom_of_rank
-                    assert np.array_equal(atom_of_slot, want), (backend, C, i)
-                    # slots stay inside the atom's real (non-padding) range
-                    offset = slots[i].numpy() - slot_starts[atom_of_slot]
-                    assert np.all(offset < np.asarray(layout.atom_sizes)[atom_of_slot])
-
-
-def test_layout_padding_is_bounded():
-    for C in (2, 10, 100, 1000, 32000):
-        for K in (1, 2, 3, 4, 5, 7, 10):
-            if K <= C:
-                layout = kernel.layout_for(C, tuple(range(1, K + 1)))
-                assert C <= layout.slots <= 2 * C
-                assert sum(layout.block_count) == C
+def test_stage_bounds_follow_tensor_split():
+    """Boundaries for any live-class count, fewer classes than groups included (empty trailing groups)."""
+    counts = torch.arange(0, 40)
+    for g in range(1, 10):
+        got = kernel.stage_bounds(counts, g)
+        for n in counts.tolist():
+            sizes = [len(x) for x in torch.tensor_split(torch.arange(n), g)]
+            assert got[n].tolist() == np.cumsum(sizes)[:-1].tolist(), (n, g)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,7 +394,7 @@ def test_extreme_logits_stay_finite():
 
 
 @pytest.mark.parametrize("K", [1, 3])
-def test_empty_batch_gives_zero(K, ordering):
+def test_empty_batch_gives_zero(K, chunking):
     s, t = pair((0, 10), seed=0)
     s.requires_grad_(True)
     out = pcd_loss(s, t, stages=K)
@@ -440,7 +402,7 @@ def test_empty_batch_gives_zero(K, ordering):
     assert out.item() == 0.0 and s.grad.shape == (0, 10)
 
 
-def test_interleaved_calls_keep_their_own_gradients(ordering):
+def test_interleaved_calls_keep_their_own_gradients(chunking):
     """Work buffers reused across calls (CPU) never leak into another call's value or saved gradient."""
     shapes = [(5, 40), (3, 17), (5, 40)]
     runs = []

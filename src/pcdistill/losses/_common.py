@@ -83,16 +83,21 @@ def check_logits(student: torch.Tensor, teacher: torch.Tensor) -> int:
     return num_classes
 
 
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {type(value).__name__} {value!r}")
+    return value
+
+
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (half precision is computed in float32)."""
     return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
 
 
-def as_rows(student: torch.Tensor, teacher: torch.Tensor):
-    """(N, C) views in the compute dtype; the teacher is detached (it is a target, never trained here)."""
-    dtype = compute_dtype(student, teacher)
+def flat_rows(student: torch.Tensor, teacher: torch.Tensor):
+    """(N, C) views of the logits (no copy for contiguous inputs); the teacher is detached."""
     num_classes = student.shape[-1]
-    return student.reshape(-1, num_classes).to(dtype), teacher.detach().reshape(-1, num_classes).to(dtype)
+    return student.reshape(-1, num_classes), teacher.detach().reshape(-1, num_classes)
 
 
 def check_valid(valid, leading_shape, device) -> torch.Tensor | None:
@@ -110,12 +115,49 @@ def check_valid(valid, leading_shape, device) -> torch.Tensor | None:
     return valid.reshape(-1).to(device)
 
 
-def mask_rows(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor | None):
-    """Zero the logits of invalid rows, so padding (even NaN or inf) cannot leak into values or gradients."""
-    if valid is None:
-        return s, t
-    keep = valid.unsqueeze(-1)
-    return torch.where(keep, s, 0.0), torch.where(keep, t, 0.0)
+def check_class_mask(class_mask, num_classes: int, device) -> torch.Tensor | None:
+    """Validate ``class_mask``: bool ``(C,)``, True for the classes that take part."""
+    if class_mask is None:
+        return None
+    if not isinstance(class_mask, torch.Tensor) or class_mask.dtype != torch.bool:
+        raise TypeError(f"class_mask must be a boolean torch.Tensor of shape ({num_classes},); got "
+                        f"{getattr(class_mask, 'dtype', type(class_mask).__name__)}")
+    if tuple(class_mask.shape) != (num_classes,):
+        raise ValueError(f"class_mask must have shape (C,) = ({num_classes},); got {tuple(class_mask.shape)}")
+    return class_mask.to(device)
+
+
+def masked_standardize(z: torch.Tensor) -> torch.Tensor:
+    """Row z-score over the finite entries only (unbiased std, ``+1e-7``); ``-inf`` stays ``-inf``."""
+    finite = torch.isfinite(z)
+    count = finite.sum(-1, keepdim=True).to(z.dtype)
+    mean = torch.where(finite, z, 0.0).sum(-1, keepdim=True) / count.clamp_min(1)
+    var = torch.where(finite, (z - mean) ** 2, 0.0).sum(-1, keepdim=True) / (count - 1).clamp_min(1)
+    return (z - mean) / (var.sqrt() + STD_EPS)
+
+
+def prepare_rows(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor | None, class_mask: torch.Tensor | None,
+                 dtype: torch.dtype):
+    """A chunk of rows in the compute dtype: invalid rows zeroed (padding, even NaN, cannot leak) and
+    classes outside ``class_mask`` set to ``-inf`` in both (absent)."""
+    s, t = s.to(dtype), t.to(dtype)
+    if valid is not None:
+        keep = valid.unsqueeze(-1)
+        s, t = torch.where(keep, s, 0.0), torch.where(keep, t, 0.0)
+    if class_mask is not None:
+        s, t = s.masked_fill(~class_mask, float("-inf")), t.masked_fill(~class_mask, float("-inf"))
+    return s, t
+
+
+def log_softmax_rows(z: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over the last dim; a row of only ``-inf`` gives ``-inf`` (probability 0), not NaN."""
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    return z - torch.where(torch.isneginf(lse), 0.0, lse)
+
+
+def xlogy_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``p * (log p - log q)`` with ``0 log 0 = 0`` (as ``F.kl_div``): zero where ``p`` is 0."""
+    return torch.where(p > 0, p * (log_p - log_q), 0.0)
 
 
 def reduce_rows(row_loss: torch.Tensor, valid: torch.Tensor | None, reduction: str, leading_shape):

@@ -4,12 +4,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import (REDUCTIONS, as_rows, check_choice, check_logits, check_positive_finite, check_valid,
-                      mask_rows, reduce_rows, standardize_logits)
+from ._common import (REDUCTIONS, check_bool, check_choice, check_class_mask, check_logits, check_positive_finite,
+                      check_valid, compute_dtype, flat_rows, log_softmax_rows, reduce_rows, xlogy_diff)
+from ._rows import row_losses
+
+
+def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
+    """Per-row ``T^2 KL(p_t || p_s)`` and its gradient ``T (p_s - p_t)`` w.r.t. the student logits."""
+    log_p_s = log_softmax_rows(s / temperature)
+    log_p_t = log_softmax_rows(t / temperature)
+    p_t = log_p_t.exp()
+    loss = xlogy_diff(p_t, log_p_t, log_p_s).sum(-1) * temperature**2
+    grad = (log_p_s.exp() - p_t) * temperature if want_grad else None
+    return loss, grad
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 4.0,
-            standardize: bool = False, reduction: str = "mean", valid: torch.Tensor | None = None) -> torch.Tensor:
+            standardize: bool = False, reduction: str = "mean", valid: torch.Tensor | None = None,
+            class_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Knowledge distillation: ``T^2 * KL(softmax(t / T) || softmax(s / T))`` per row.
 
     Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", 2015.
@@ -20,18 +32,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
         temperature: ``T > 0``.
         reduction: ``"mean"`` over valid rows, ``"sum"``, or ``"none"`` (shape of the leading dimensions).
         valid: optional boolean mask of the leading shape; invalid rows contribute nothing.
+        class_mask: optional boolean ``(C,)``; classes where it is False are left out (as if sliced off).
+
+    Masked classes follow docs/method.md: ``-inf`` in both inputs removes the class from the row,
+    ``-inf`` in the teacher only contributes 0, ``-inf`` in the student only gives ``+inf``, NaN gives NaN.
+    Rows are processed in chunks under :func:`pcdistill.losses.set_memory_budget`.
     """
-    check_logits(student_logits, teacher_logits)
+    num_classes = check_logits(student_logits, teacher_logits)
     temperature = check_positive_finite("temperature", temperature)
+    check_bool("standardize", standardize)
     check_choice("reduction", reduction, REDUCTIONS)
     leading = student_logits.shape[:-1]
     mask = check_valid(valid, leading, student_logits.device)
-    s, t = mask_rows(*as_rows(student_logits, teacher_logits), mask)
-    if standardize:
-        s, t = standardize_logits(s), standardize_logits(t)
-    log_p_s = torch.log_softmax(s / temperature, dim=-1)
-    log_p_t = torch.log_softmax(t / temperature, dim=-1)
-    row = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1) * temperature**2
+    classes = check_class_mask(class_mask, num_classes, student_logits.device)
+    s, t = flat_rows(student_logits, teacher_logits)
+
+    def rows(s, t, extra, want_grad):
+        return kd_rows(s, t, temperature, want_grad)
+
+    row = row_losses(s, t, rows, work_arrays=8, dtype=compute_dtype(s, t), valid=mask, class_mask=classes,
+                     standardize=standardize)
     return reduce_rows(row, mask, reduction, leading)
 
 
@@ -41,11 +61,12 @@ class KDLoss(nn.Module):
     def __init__(self, *, temperature: float = 4.0, standardize: bool = False, reduction: str = "mean"):
         super().__init__()
         check_positive_finite("temperature", temperature)
+        check_bool("standardize", standardize)
         check_choice("reduction", reduction, REDUCTIONS)
         self.kwargs = dict(temperature=temperature, standardize=standardize, reduction=reduction)
 
-    def forward(self, student_logits, teacher_logits, *, valid=None):
-        return kd_loss(student_logits, teacher_logits, valid=valid, **self.kwargs)
+    def forward(self, student_logits, teacher_logits, *, valid=None, class_mask=None):
+        return kd_loss(student_logits, teacher_logits, valid=valid, class_mask=class_mask, **self.kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -1,7 +1,7 @@
 """Progressive Class-level Distillation (PCD), as specified in the project's METHOD.md.
 
 Li, Li, Zhang, Xu, "Progressive Class-level Distillation", arXiv 2505.24310 (2025).
-The maths is in :func:`pcd_loss`'s docstring; the fast computation lives in ``_pcd_kernel``.
+The maths is in :func:`pcd_loss`'s docstring; the per-row computation lives in ``_pcd_rows``.
 """
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _pcd_kernel as kernel
-from ._common import (REDUCTIONS, as_rows, check_choice, check_logits, check_positive_finite, check_valid,
-                      mask_rows, reduce_rows, standardize_logits)
-from ._pcd_kernel import COS_EPS, group_sizes, layout_for, priority_key
+from ._common import (REDUCTIONS, check_bool, check_choice, check_class_mask, check_logits, check_positive_finite,
+                      check_valid, compute_dtype, flat_rows, log_softmax_rows, masked_standardize, prepare_rows,
+                      reduce_rows, xlogy_diff)
+from ._pcd_rows import COS_EPS, WORK_ARRAYS, pcd_rows
+from ._rows import chunk_rows, row_losses, standardize_backward
 
 SCHEDULES = ("joint", "curriculum")
 RANK_BY = ("abs_diff", "teacher", "none")
@@ -35,20 +36,72 @@ def stage_sequence(stages: int, schedule: str, progress: float | None) -> tuple[
     return [phases[phase]], 2.0 * stages
 
 
-# ----------------------------------------------------------------------------------------------
-# Public API
-# ----------------------------------------------------------------------------------------------
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(-1) / (a.norm(dim=-1).clamp_min(COS_EPS) * b.norm(dim=-1).clamp_min(COS_EPS))
-
-
-def _released_loss(s, t, temperature, stages, mask, reduction, leading):
-    """The authors' released computation: ``2 K T^2 KL_batchmean(full) * mean_b(1 - cos(p_t, log p_s))``."""
-    log_p_s = torch.log_softmax(s / temperature, dim=-1)
-    log_p_t = torch.log_softmax(t / temperature, dim=-1)
+def released_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
+    """Per row: ``T^2 KL(p_t || p_s)``, ``w = 1 - cos(p_t, log p_s)`` over the live classes, and their gradients."""
+    live = ~(torch.isneginf(s) & torch.isneginf(t))
+    log_p_s, log_p_t = log_softmax_rows(s / temperature), log_softmax_rows(t / temperature)
     p_t = log_p_t.exp()
-    kl = (p_t * (log_p_t - log_p_s)).sum(-1) * temperature**2
-    weight = 1 - _cosine(p_t, log_p_s)
+    kl = xlogy_diff(p_t, log_p_t, log_p_s).sum(-1) * temperature**2
+    lq = torch.where(live, log_p_s.clamp_min(-1e15), 0.0)  # a student -inf: the cosine's limit, not NaN
+    dot = (p_t * lq).sum(-1, keepdim=True)
+    norm_t, norm_s = p_t.norm(dim=-1, keepdim=True), lq.norm(dim=-1, keepdim=True)
+    nt, ns = norm_t.clamp_min(COS_EPS), norm_s.clamp_min(COS_EPS)
+    cos = dot / (nt * ns)
+    weight = (1 - cos).squeeze(-1)
+    if not want_grad:
+        return kl, weight, None, None
+    p_s = torch.where(live, log_p_s.exp(), 0.0)
+    mass_t = p_t.sum(-1, keepdim=True)
+    d_dot = p_t - mass_t * p_s
+    d_norm_s = torch.where(norm_s > COS_EPS, (lq - p_s * lq.sum(-1, keepdim=True)) / ns, 0.0)
+    d_weight = -(d_dot / (nt * ns) - cos * d_norm_s / ns) / temperature
+    return kl, weight, (p_s * mass_t - p_t) * temperature, d_weight
+
+
+class _ReleasedRows(torch.autograd.Function):
+    """Row KL and weight of the released variant, chunked; backward recomputes each chunk (the variant
+    couples rows through its batch-mean weight, so no per-row gradient can be formed in the forward)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, valid, class_mask, standardize, temperature, dtype):
+        rows, num_classes = student.shape
+        kl = torch.empty(rows, dtype=dtype, device=student.device)
+        weight = torch.empty_like(kl)
+        for start, stop, s, t in _released_chunks(student, teacher, valid, class_mask, standardize, dtype):
+            kl[start:stop], weight[start:stop], _, _ = released_rows(s, t, temperature, False)
+        ctx.save_for_backward(student, teacher, valid, class_mask)
+        ctx.options = (standardize, temperature, dtype)
+        return kl, weight
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_weight):
+        student, teacher, valid, class_mask = ctx.saved_tensors
+        standardize, temperature, dtype = ctx.options
+        grad = torch.empty_like(student)
+        for start, stop, s, t in _released_chunks(student, teacher, valid, class_mask, False, dtype):
+            z_s, z_t = (masked_standardize(s), masked_standardize(t)) if standardize else (s, t)
+            _, _, d_kl, d_weight = released_rows(z_s, z_t, temperature, True)
+            g = grad_kl[start:stop, None] * d_kl + grad_weight[start:stop, None] * d_weight
+            if standardize:
+                g = standardize_backward(s, g)
+            grad[start:stop] = torch.where(valid[start:stop, None], g, 0.0)
+        return grad, None, None, None, None, None, None
+
+
+def _released_chunks(student, teacher, valid, class_mask, standardize, dtype):
+    rows, num_classes = student.shape
+    step = chunk_rows(rows, num_classes, dtype, 16)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        s, t = prepare_rows(student[start:stop], teacher[start:stop], valid[start:stop], class_mask, dtype)
+        if standardize:
+            s, t = masked_standardize(s), masked_standardize(t)
+        yield start, stop, s, t
+
+
+def _released_loss(s, t, valid, class_mask, standardize, temperature, stages, mask, reduction, leading):
+    """The authors' released computation: ``2 K T^2 KL_batchmean(full) * mean_b(1 - cos(p_t, log p_s))``."""
+    kl, weight = _ReleasedRows.apply(s, t, valid, class_mask, standardize, temperature, compute_dtype(s, t))
     mean_weight = reduce_rows(weight, mask, "mean", leading)
     # per row: 2K * KL_i * mean(w), so that the mean over rows is the released loss
     return reduce_rows(2 * stages * kl * mean_weight, mask, reduction, leading)
@@ -84,7 +137,7 @@ def _check_options(temperature, schedule, progress, rank_by, variant, reduction)
 def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 4.0,
              stages: int = 3, schedule: str = "joint", progress: float | None = None, rank_by: str = "abs_diff",
              adaptive: bool = True, standardize: bool = False, variant: str = "paper", reduction: str = "mean",
-             valid: torch.Tensor | None = None) -> torch.Tensor:
+             valid: torch.Tensor | None = None, class_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Progressive Class-level Distillation loss.
 
     Li, Li, Zhang, Xu, "Progressive Class-level Distillation", arXiv 2505.24310 (2025), as defined by
@@ -114,18 +167,23 @@ def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temp
     num_classes = check_logits(student_logits, teacher_logits)
     stages = _check_stages(stages, num_classes)
     temperature, progress = _check_options(temperature, schedule, progress, rank_by, variant, reduction)
+    check_bool("adaptive", adaptive)
+    check_bool("standardize", standardize)
     leading = student_logits.shape[:-1]
     mask = check_valid(valid, leading, student_logits.device)
-    s, t = mask_rows(*as_rows(student_logits, teacher_logits), mask)
-    if standardize:
-        s, t = standardize_logits(s), standardize_logits(t)
+    classes = check_class_mask(class_mask, num_classes, student_logits.device)
+    s, t = flat_rows(student_logits, teacher_logits)
     if variant == "released":
-        return _released_loss(s, t, temperature, stages, mask, reduction, leading)
+        keep = mask if mask is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+        return _released_loss(s, t, keep, classes, standardize, temperature, stages, mask, reduction, leading)
 
     stage_groups, factor = stage_sequence(stages, schedule, progress)
-    layout = layout_for(num_classes, tuple(stage_groups))
-    slot = kernel.class_slots(s, t, rank_by, layout, reuse=True)  # consumed in PCDRows.forward
-    row = kernel.PCDRows.apply(s, t, slot, layout, factor, temperature, bool(adaptive))
+
+    def rows(s, t, extra, want_grad):
+        return pcd_rows(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad)
+
+    row = row_losses(s, t, rows, work_arrays=WORK_ARRAYS, dtype=compute_dtype(s, t), valid=mask,
+                     class_mask=classes, standardize=standardize)
     return reduce_rows(row, mask, reduction, leading)
 
 
@@ -145,11 +203,14 @@ class PCDLoss(nn.Module):
         if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
             raise ValueError(f"stages must be an int >= 1; got {stages!r}")
         _check_options(temperature, schedule, 0.0, rank_by, variant, reduction)
+        check_bool("adaptive", adaptive)
+        check_bool("standardize", standardize)
         self.kwargs = dict(temperature=temperature, stages=stages, schedule=schedule, rank_by=rank_by,
                            adaptive=adaptive, standardize=standardize, variant=variant, reduction=reduction)
 
-    def forward(self, student_logits, teacher_logits, *, progress=None, valid=None):
-        return pcd_loss(student_logits, teacher_logits, progress=progress, valid=valid, **self.kwargs)
+    def forward(self, student_logits, teacher_logits, *, progress=None, valid=None, class_mask=None):
+        return pcd_loss(student_logits, teacher_logits, progress=progress, valid=valid, class_mask=class_mask,
+                        **self.kwargs)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

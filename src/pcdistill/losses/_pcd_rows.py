@@ -1,0 +1,142 @@
+"""PCD's per-row computation in plain torch: one sort, one pass of sums, a closed-form gradient.
+
+For a chunk of rows (see docs/method.md, "How it is computed"):
+
+1. Priority key per class, one stable descending sort per row, each class's rank position ``pos``.
+2. Every stage's group boundaries are rank positions (``tensor_split`` of the row's live classes), so
+   the union of all boundaries cuts a row into *atoms*; each atom lies inside one group of every
+   stage. ``atom = searchsorted(boundaries, pos)``; absent classes go to a dump atom.
+3. One ``scatter_add`` gives seven sums per atom (exponentials shifted by the atom's maximum);
+   every group statistic of every stage (log-sum-exp, KL, the cosine's dot product and norms) is
+   combined from them on small ``(rows, atoms)`` arrays in float64.
+4. The gradient of ``w_G KL_G`` w.r.t. a class is ``e_s P + e_t Q + u R + S`` with per-atom
+   coefficients summed over the stages, so it is one more pass, whatever the number of stages.
+"""
+from __future__ import annotations
+
+import torch
+
+COS_EPS = 1e-8
+WORK_ARRAYS = 30  # (rows, C)-sized temporaries alive at once, in units of the compute dtype
+
+
+def priority_key(s: torch.Tensor, t: torch.Tensor, live: torch.Tensor, rank_by: str) -> torch.Tensor:
+    """Descending sort key: live classes by METHOD.md's rule, absent classes last (``-inf``)."""
+    s_inf, t_inf = torch.isneginf(s), torch.isneginf(t)
+    if rank_by == "abs_diff":
+        both = ~s_inf & ~t_inf
+
+        def centred(z):
+            n = both.sum(-1, keepdim=True).clamp_min(1)
+            return z - torch.where(both, z, 0.0).sum(-1, keepdim=True) / n
+
+        key = torch.where(both, (centred(t) - centred(s)).abs(), float("inf"))  # one side -inf: ranks first
+    elif rank_by == "teacher":
+        key = torch.where(t_inf, torch.finfo(t.dtype).min, t)
+    else:
+        key = -torch.arange(s.shape[-1], device=s.device, dtype=s.dtype).expand_as(s)
+    return torch.where(live, key, float("-inf"))
+
+
+def stage_bounds(n: torch.Tensor, groups: int) -> torch.Tensor:
+    """Interior boundaries ``(rows, groups - 1)`` of ``tensor_split(range(n), groups)``: ``i*base + min(i, n mod g)``."""
+    i = torch.arange(1, groups, device=n.device)
+    return i * (n // groups).unsqueeze(-1) + torch.minimum(i, (n % groups).unsqueeze(-1))
+
+
+def _group_lse(m: torch.Tensor, z: torch.Tensor, group: torch.Tensor, groups: int):
+    """Per-group log-sum-exp from per-atom maxima ``m`` and shifted sums ``z``; 0 where a group is empty."""
+    live = z > 0
+    big = torch.full(m.shape[:-1] + (groups,), float("-inf"), dtype=m.dtype, device=m.device)
+    top = big.scatter_reduce(1, group, torch.where(live, m, float("-inf")), "amax")
+    top = torch.where(torch.isneginf(top), 0.0, top)
+    total = torch.zeros_like(top).scatter_add(1, group, torch.where(live, z * torch.exp(m - top.gather(1, group)), 0.0))
+    lse = top + torch.log(torch.where(total > 0, total, 1.0))
+    return lse
+
+
+def _scatter(values: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Tensor:
+    return values.new_zeros(values.shape[:-1] + (groups,)).scatter_add(-1, group, values)
+
+
+def pcd_rows(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: float, temperature: float,
+             adaptive: bool, rank_by: str, want_grad: bool):
+    """Per-row PCD loss ``factor * sum_stages sum_G w_G KL_G`` and its gradient w.r.t. ``s``."""
+    rows, num_classes = s.shape
+    s_inf, t_inf = torch.isneginf(s), torch.isneginf(t)
+    live = ~(s_inf & t_inf)
+    t_ok = live & ~t_inf
+    n = live.sum(-1)
+    inf_row = (live & s_inf & ~t_inf).any(-1)  # the student rules out a class the teacher keeps: loss +inf
+    nan_row = (torch.isnan(s) | torch.isposinf(s) | torch.isnan(t) | torch.isposinf(t)).any(-1)
+
+    # 1-2. rank positions, boundaries of every stage, atoms
+    order = torch.sort(priority_key(s, t, live, rank_by), dim=-1, descending=True, stable=True).indices
+    pos = torch.empty_like(order).scatter_(1, order, torch.arange(num_classes, device=s.device).expand_as(order))
+    bounds = [stage_bounds(n, g) for g in stage_groups]
+    cuts = torch.cat(bounds + [n.unsqueeze(-1)], -1).sort(-1).values  # interior boundaries, then n
+    atoms = cuts.shape[-1]  # atom k spans positions [cuts[k-1], cuts[k]); the last column is n
+    atom = torch.where(live, torch.searchsorted(cuts[:, :-1].contiguous(), pos, right=True), atoms)
+    starts = torch.cat([torch.zeros_like(n).unsqueeze(-1), cuts[:, :-1]], -1)
+    count = (cuts - starts).to(torch.float64)
+
+    # 3. per-atom sums, shifted by the atom's maxima
+    a = torch.where(s_inf, 0.0, s / temperature)
+    b = torch.where(t_ok, t / temperature, float("-inf"))
+    neg = torch.full((rows, atoms + 1), float("-inf"), dtype=s.dtype, device=s.device)
+    m_s = neg.scatter_reduce(1, atom, torch.where(live, a, float("-inf")), "amax")
+    m_t = neg.scatter_reduce(1, atom, b, "amax")
+    m_s, m_t = torch.where(torch.isneginf(m_s), 0.0, m_s), torch.where(torch.isneginf(m_t), 0.0, m_t)
+    u = torch.where(live, a - m_s.gather(1, atom), 0.0)
+    e_s = torch.where(live, u.exp(), 0.0)
+    e_t = torch.where(t_ok, (b - m_t.gather(1, atom)).exp(), 0.0)
+    diff = torch.where(t_ok, b - a, 0.0)
+    parts = torch.stack([e_s, u, u * u, e_t, e_t * diff, e_t * u, e_t * e_t], 1)
+    sums = parts.new_zeros(rows, 7, atoms + 1).scatter_add_(2, atom.unsqueeze(1).expand_as(parts), parts)
+    del parts
+    z_s, sum_u, sum_uu, z_t, sum_tdiff, sum_tu, sum_tt = sums[..., :atoms].to(torch.float64).unbind(1)
+    m_s, m_t = m_s[:, :atoms].to(torch.float64), m_t[:, :atoms].to(torch.float64)
+
+    loss = torch.zeros(rows, dtype=torch.float64, device=s.device)
+    coef = torch.zeros(4, rows, atoms, dtype=torch.float64, device=s.device)  # on e_s, e_t, u, and a constant
+    t2 = temperature**2
+    for g, stage_cuts in zip(stage_groups, bounds):
+        group = (stage_cuts.unsqueeze(1) <= starts.unsqueeze(-1)).sum(-1)  # (rows, atoms): each atom's group
+        lse_s = _group_lse(m_s, z_s, group, g)
+        lse_t = _group_lse(m_t, z_t, group, g)
+        delta = m_s - lse_s.gather(1, group)  # log q_s = u + delta within an atom
+        w_s = torch.where(z_s > 0, torch.exp(delta), 0.0)
+        w_t = torch.where(z_t > 0, torch.exp(m_t - lse_t.gather(1, group)), 0.0)
+        mass_t = _scatter(w_t * z_t, group, g)  # sum of q_t over the group: 1, or 0 without teacher mass
+        has_t = mass_t > 0
+        kl = t2 * torch.where(has_t, _scatter(w_t * sum_tdiff, group, g) + lse_s - lse_t, 0.0)
+        if adaptive:
+            dot = _scatter(w_t * (sum_tu + delta * z_t), group, g)
+            norm_t = _scatter(w_t * w_t * sum_tt, group, g).sqrt()
+            sum_lq = _scatter(sum_u + count * delta, group, g)
+            norm_s = _scatter(sum_uu + 2 * delta * sum_u + count * delta * delta, group, g).clamp_min(0).sqrt()
+            nt, ns = norm_t.clamp_min(COS_EPS), norm_s.clamp_min(COS_EPS)
+            cos = dot / (nt * ns)
+            weight = 1 - cos
+            ns_grad = torch.where(norm_s > COS_EPS, cos / (ns * norm_s.clamp_min(COS_EPS)), 0.0)
+            c_qs = weight * t2 * mass_t + kl * (mass_t / (nt * ns) - ns_grad * sum_lq)
+            c_qt = -weight * t2 - kl / (nt * ns)
+            c_lq = kl * ns_grad
+        else:
+            weight = torch.ones_like(kl)
+            c_qs, c_qt, c_lq = t2 * mass_t, torch.full_like(kl, -t2), torch.zeros_like(kl)
+        loss = loss + (weight * kl).sum(-1)
+        if want_grad:
+            c_lq_atom = c_lq.gather(1, group)
+            coef += torch.stack([c_qs.gather(1, group) * w_s, c_qt.gather(1, group) * w_t, c_lq_atom,
+                                 c_lq_atom * delta])
+    loss = torch.where(nan_row, float("nan"), torch.where(inf_row, float("inf"), factor * loss)).to(s.dtype)
+    if not want_grad:
+        return loss, None
+
+    # 4. the gradient, one pass over the classes
+    pad = torch.zeros(4, rows, 1, dtype=torch.float64, device=s.device)
+    coef = torch.cat([coef, pad], -1).to(s.dtype)
+    p, q, r, c = (x.gather(1, atom) for x in coef.unbind(0))
+    grad = (e_s * p + e_t * q + u * r + torch.where(live, c, 0.0)) * (factor / temperature)
+    return loss, torch.where((inf_row | nan_row).unsqueeze(-1), float("nan"), grad)

@@ -1,0 +1,123 @@
+"""Row-chunked losses with bounded memory: the one mechanism every loss of this package runs on.
+
+A loss is written as a *row function*: given a chunk of rows of student and teacher logits (in the
+compute dtype, masked classes already set to ``-inf`` in both), it returns each row's loss and, when
+asked, the gradient of each row's loss w.r.t. that row of student logits, in closed form.
+:class:`RowLoss` calls it chunk by chunk, so only one chunk's work arrays exist at a time, and keeps
+the gradient (in the student's dtype) for the backward pass, which multiplies it by the incoming
+per-row weights. Peak extra memory is therefore one logits-sized gradient, the returned gradient in
+backward, and one chunk's workspace (:func:`set_memory_budget`). Everything is plain torch with no
+data-dependent Python control flow, so the whole call traces into one ``torch.compile`` graph and
+forces no host-device sync.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable
+
+import torch
+
+from ._common import STD_EPS, masked_standardize, prepare_rows
+
+DEFAULT_BUDGET_MIB = int(os.environ.get("PCDISTILL_MEMORY_BUDGET_MIB", "128"))
+_budget_bytes = DEFAULT_BUDGET_MIB * 2**20
+
+
+def set_memory_budget(mib: float) -> None:
+    """Workspace budget per loss call, in MiB (default 128, or ``PCDISTILL_MEMORY_BUDGET_MIB``).
+
+    Rows are processed in chunks whose temporary arrays fit this budget; on top of it a call keeps one
+    gradient the size of the student logits (in their dtype) until backward. The default suits a 24 GiB
+    machine and an 80 GiB GPU; raise it for speed on small class counts, lower it on a tight device.
+    """
+    global _budget_bytes
+    if isinstance(mib, bool) or not isinstance(mib, (int, float)) or not mib > 0:
+        raise ValueError(f"memory budget must be a number of MiB > 0; got {mib!r}")
+    _budget_bytes = int(mib * 2**20)
+
+
+def memory_budget_mib() -> float:
+    return _budget_bytes / 2**20
+
+
+@contextlib.contextmanager
+def memory_budget(mib: float):
+    """``with memory_budget(512): ...`` runs the block with another workspace budget."""
+    previous = _budget_bytes / 2**20
+    set_memory_budget(mib)
+    try:
+        yield
+    finally:
+        set_memory_budget(previous)
+
+
+def chunk_rows(rows: int, num_classes: int, dtype: torch.dtype, work_arrays: int) -> int:
+    """Rows per chunk so that ``work_arrays`` row-sized arrays of ``dtype`` fit the budget (at least 1)."""
+    per_row = num_classes * torch.finfo(dtype).bits // 8 * work_arrays
+    return max(1, min(rows, _budget_bytes // max(per_row, 1)))
+
+
+# A row function: (s, t, extra, want_grad) -> (row_loss (R,), d row_loss / d s (R, C) or None),
+# on prepared rows in the compute dtype (see ``prepare_rows``).
+RowFn = Callable[[torch.Tensor, torch.Tensor, tuple, bool], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def standardize_backward(x: torch.Tensor, grad_z: torch.Tensor) -> torch.Tensor:
+    """Gradient through :func:`masked_standardize` (closed form, finite entries only)."""
+    finite = torch.isfinite(x)
+    n = finite.sum(-1, keepdim=True).to(x.dtype)
+    centred = torch.where(finite, x - torch.where(finite, x, 0.0).sum(-1, keepdim=True) / n.clamp_min(1), 0.0)
+    std = ((centred**2).sum(-1, keepdim=True) / (n - 1).clamp_min(1)).sqrt()
+    g = torch.where(finite, grad_z, 0.0)
+    g_mean = g.sum(-1, keepdim=True) / n.clamp_min(1)
+    scale = std + STD_EPS
+    dot = (g * centred).sum(-1, keepdim=True)
+    out = (g - g_mean) / scale - centred * dot / ((n - 1).clamp_min(1) * std.clamp_min(torch.finfo(x.dtype).tiny) * scale**2)
+    return torch.where(finite, out, 0.0)
+
+
+class RowLoss(torch.autograd.Function):
+    """Per-row losses of ``fn`` over ``(N, C)`` logits, chunk by chunk; gradients to the student only.
+
+    Each chunk is prepared (:func:`prepare_rows`: compute dtype, invalid rows zeroed, ``class_mask``,
+    standardisation) before ``fn``; ``extra`` holds per-row tensors (e.g. targets) sliced with it.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, fn: RowFn, work_arrays: int, dtype, valid, class_mask,
+                standardize: bool, *extra):
+        rows, num_classes = student.shape
+        want_grad = ctx.needs_input_grad[0]
+        step = chunk_rows(rows, num_classes, dtype, work_arrays)
+        out = torch.empty(rows, dtype=dtype, device=student.device)
+        grad = torch.empty_like(student) if want_grad else None
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            keep = None if valid is None else valid[start:stop]
+            s, t = prepare_rows(student[start:stop], teacher[start:stop], keep, class_mask, dtype)
+            z_s, z_t = (masked_standardize(s), masked_standardize(t)) if standardize else (s, t)
+            loss, g = fn(z_s, z_t, tuple(x[start:stop] for x in extra), want_grad)
+            out[start:stop] = loss
+            if want_grad:
+                if standardize:
+                    g = standardize_backward(s, g)
+                if keep is not None:
+                    g = torch.where(keep.unsqueeze(-1), g, 0.0)
+                grad[start:stop] = g
+        if want_grad:
+            ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (grad,) = ctx.saved_tensors
+        student_grad = grad * grad_rows.unsqueeze(-1).to(grad.dtype)
+        return (student_grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+def row_losses(student: torch.Tensor, teacher: torch.Tensor, fn: RowFn, *, work_arrays: int,
+               dtype: torch.dtype, valid=None, class_mask=None, standardize: bool = False,
+               extra: tuple = ()) -> torch.Tensor:
+    """``(N,)`` row losses of ``fn`` on ``(N, C)`` logits; the teacher is detached (a target, never trained)."""
+    return RowLoss.apply(student, teacher.detach(), fn, work_arrays, dtype, valid, class_mask, standardize, *extra)
