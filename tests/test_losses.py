@@ -591,3 +591,172 @@ def test_valid_edge_shapes_do_not_crash(shape, K):
         assert torch.isfinite(out)
     assert torch.isfinite(pcd_loss(s, t, stages=shape[-1]))
     assert torch.isfinite(dist_loss(s, t)) and torch.isfinite(kd_loss(s, t))
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked classes and non-finite values (docs/method.md): each rule against the reference on sliced rows
+# ----------------------------------------------------------------------------------------------
+NEG = float("-inf")
+
+
+def ref_group_terms(s, t, temperature):
+    """KL and adaptive weight of one group by the rules: teacher -inf is probability 0 (0 log 0 = 0)."""
+    if torch.isneginf(t).all():  # no teacher mass in the group: every class contributes 0
+        return s.new_zeros(()), s.new_ones(())
+    q_t = torch.softmax(t / temperature, 0)
+    log_q_t = torch.log_softmax(t / temperature, 0)
+    log_q_s = torch.log_softmax(s / temperature, 0)
+    kl = temperature**2 * torch.where(q_t > 0, q_t * (log_q_t - log_q_s), 0.0).sum()
+    cos = (q_t * log_q_s).sum() / (q_t.norm().clamp_min(1e-8) * log_q_s.norm().clamp_min(1e-8))
+    return kl, 1 - cos
+
+
+def ref_masked_key(s, t, rank_by):
+    both = torch.isfinite(s) & torch.isfinite(t)
+    if rank_by == "abs_diff":
+        d = ((t - t[both].mean()) - (s - s[both].mean())).abs()
+        return [float(d[c].detach()) if both[c] else math.inf for c in range(s.numel())]
+    if rank_by == "teacher":
+        return t.detach().tolist()
+    return [-c for c in range(s.numel())]
+
+
+def ref_pcd_masked_row(s, t, stages, temperature=4.0, rank_by="abs_diff", adaptive=True):
+    """One row by METHOD.md's masking rules, written literally: slice, rank, tensor_split, sum."""
+    if torch.isnan(s).any() or torch.isnan(t).any():
+        return s.new_tensor(math.nan)
+    live = ~(torch.isneginf(s) & torch.isneginf(t))
+    s, t = s[live], t[live]
+    if (torch.isneginf(s) & ~torch.isneginf(t)).any():
+        return s.new_tensor(math.inf)
+    key = ref_masked_key(s, t, rank_by)
+    order = sorted(range(s.numel()), key=lambda c: (-key[c], c))
+    total = s.new_zeros(())
+    for g in range(1, stages + 1):
+        for group in torch.tensor_split(torch.tensor(order, dtype=torch.long), g):
+            if group.numel() < 2:
+                continue
+            kl, w = ref_group_terms(s[group], t[group], temperature)
+            total = total + (w if adaptive else 1.0) * kl
+    return 2 * total
+
+
+def masked_pair(rows, C, seed, absent=0.3, teacher_only=0.1):
+    s, t = pair((rows, C), seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    both = torch.rand(rows, C, generator=g) < absent
+    t_only = (torch.rand(rows, C, generator=g) < teacher_only) & ~both
+    s[both] = NEG
+    t[both | t_only] = NEG
+    return s, t
+
+
+def ref_rows_value_and_grad(ref_row, s, t):
+    s = s.detach().clone().requires_grad_(True)
+    rows = torch.stack([ref_row(s[i], t[i]) for i in range(s.shape[0])])
+    rows[torch.isfinite(rows)].sum().backward()
+    return rows.detach(), s.grad
+
+
+@pytest.mark.parametrize("C,K", [(12, 3), (9, 5), (30, 7), (6, 6)])
+@pytest.mark.parametrize("rank_by", ["abs_diff", "teacher", "none"])
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_pcd_masked_classes_equal_sliced_rows(C, K, rank_by, adaptive, chunking):
+    s, t = masked_pair(8, C, seed=C + K)
+    s[0, :] = NEG  # a row with no live class
+    t[0, :] = NEG
+    s[1, : C - 2], t[1, : C - 2] = NEG, NEG  # fewer live classes than groups: empty groups count 0
+    kw = dict(stages=K, rank_by=rank_by, adaptive=adaptive)
+    got, g_got = value_and_grad(pcd_loss, s, t, reduction="none", **kw)
+    want, g_want = ref_rows_value_and_grad(lambda a, b: ref_pcd_masked_row(a, b, **kw), s, t)
+    assert got[0] == 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-10)
+
+
+def test_student_only_minus_inf_gives_plus_inf_and_nan_gives_nan_for_that_row(chunking):
+    s, t = pair((4, 10), seed=3)
+    s[1, 2] = NEG  # the teacher keeps class 2: the true value is +inf
+    s[2, 5] = math.nan
+    t[3, 0] = math.nan
+    for fn in (lambda a, b: pcd_loss(a, b, reduction="none"), lambda a, b: kd_loss(a, b, reduction="none"),
+               lambda a, b: dkd_loss(a, b, torch.tensor([0, 1, 3, 4]), reduction="none"),
+               lambda a, b: pcd_loss(a, b, reduction="none", stages=7, rank_by="teacher")):
+        out = fn(s, t)
+        assert out[0].isfinite() and out[1] == math.inf and out[2].isnan() and out[3].isnan()
+    clean = pcd_loss(s[:1], t[:1], reduction="none")
+    torch.testing.assert_close(pcd_loss(s, t, reduction="none")[:1], clean)
+    assert dist_loss(s, t, reduction="none")[2:].isnan().all()
+
+
+@pytest.mark.parametrize("fn", ["kd", "dkd", "pcd", "pcd_k7_teacher", "released", "dist"])
+def test_class_mask_equals_slicing(fn, chunking):
+    s, t = pair((6, 15), seed=11)
+    keep = torch.ones(15, dtype=torch.bool)
+    keep[[0, 4, 5, 14]] = False
+    s[:, ~keep] = torch.randn(6, 4, dtype=s.dtype) * 50  # whatever sits there must not matter
+    target = torch.tensor([1, 2, 3, 6, 7, 8])
+    sliced_target = torch.tensor([0, 1, 2, 3, 4, 5])  # classes 1,2,3,6,7,8 are columns 0..5 after slicing
+    calls = {
+        "kd": lambda a, b, m, y: kd_loss(a, b, class_mask=m),
+        "dkd": lambda a, b, m, y: dkd_loss(a, b, y, class_mask=m),
+        "pcd": lambda a, b, m, y: pcd_loss(a, b, class_mask=m),
+        "pcd_k7_teacher": lambda a, b, m, y: pcd_loss(a, b, class_mask=m, stages=7, rank_by="teacher"),
+        "released": lambda a, b, m, y: pcd_loss(a, b, class_mask=m, variant="released"),
+        "dist": lambda a, b, m, y: dist_loss(a, b, class_mask=m),
+    }[fn]
+    got, g_got = value_and_grad(lambda a, b: calls(a, b, keep, target), s, t)
+    want, g_want = value_and_grad(lambda a, b: calls(a, b, None, sliced_target), s[:, keep], t[:, keep])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got[:, keep], g_want, rtol=1e-9, atol=1e-12)
+    assert (g_got[:, ~keep] == 0).all()
+
+
+@pytest.mark.parametrize("fn", ["kd", "dkd", "released"])
+def test_minus_inf_in_both_equals_slicing_for_the_baselines(fn):
+    s, t = masked_pair(5, 12, seed=4, teacher_only=0.0)
+    target = torch.tensor([0, 1, 2, 3, 4])
+    s[:, target.unique()] = s[:, target.unique()].nan_to_num(neginf=0.5)  # targets stay live
+    t[:, target.unique()] = t[:, target.unique()].nan_to_num(neginf=-0.5)
+    call = {"kd": lambda a, b, y: kd_loss(a, b, reduction="none"),
+            "dkd": lambda a, b, y: dkd_loss(a, b, y, reduction="none"),
+            "released": lambda a, b, y: pcd_loss(a, b, variant="released", reduction="none")}[fn]
+    got, g_got = value_and_grad(lambda a, b: call(a, b, target), s, t)
+    if fn == "released":  # rows are coupled by the batch-mean weight: compare with a literal reading
+        live = ~(torch.isneginf(s) & torch.isneginf(t))
+        kls, ws = [], []
+        for i in range(5):
+            a, b = s[i, live[i]], t[i, live[i]]
+            kls.append(kd_loss(a[None], b[None]))
+            lq = torch.log_softmax(a / 4, 0)
+            q = torch.softmax(b / 4, 0)
+            ws.append(1 - (q * lq).sum() / (q.norm() * lq.norm()))
+        want = 2 * 3 * torch.stack(kls).squeeze(-1) * torch.stack(ws).mean()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        return
+    for i in range(5):
+        live = ~(torch.isneginf(s[i]) & torch.isneginf(t[i]))
+        y = torch.tensor([int(live[: target[i]].sum())])
+        want, g_want = value_and_grad(lambda a, b: call(a, b, y), s[i, live][None], t[i, live][None])
+        torch.testing.assert_close(got[i], want[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g_got[i, live], g_want[0], rtol=1e-9, atol=1e-12)
+
+
+def test_teacher_only_minus_inf_contributes_zero_for_kd():
+    s, t = pair((3, 8), seed=5)
+    t[:, 3] = NEG
+    got = kd_loss(s, t, reduction="none")
+    p_t = torch.softmax(t / 4, -1)
+    want = 16 * torch.where(p_t > 0, p_t * (torch.log_softmax(t / 4, -1) - torch.log_softmax(s / 4, -1)), 0.0).sum(-1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(got).all()
+
+
+def test_chunking_changes_nothing_at_any_budget():
+    s, t = masked_pair(37, 50, seed=9)
+    base, g_base = value_and_grad(pcd_loss, s, t, stages=4)
+    for mib in (1e-4, 0.01, 0.05):
+        with losses.memory_budget(mib):
+            got, g_got = value_and_grad(pcd_loss, s, t, stages=4)
+        torch.testing.assert_close(got, base, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g_got, g_base, rtol=1e-12, atol=1e-12)

@@ -15,6 +15,7 @@ from torch import nn
 from pcdistill.registry import Registry, closest
 
 from ._common import set_device_checks, standardize_logits
+from ._rows import memory_budget, memory_budget_mib, set_memory_budget
 from .dist import DISTLoss, dist_loss
 from .dkd import DKDLoss, dkd_loss
 from .kd import KDLoss, kd_loss
@@ -54,4 +55,5 @@ def build_loss(method: str, **kwargs) -> nn.Module | None:
 
 
 __all__ = ["DISTLoss", "DKDLoss", "KDLoss", "PCDLoss", "build_loss", "dist_loss", "dkd_loss", "kd_loss",
-           "list_methods", "loss_arguments", "pcd_loss", "set_device_checks", "standardize_logits"]
+           "list_methods", "loss_arguments", "memory_budget", "memory_budget_mib", "pcd_loss", "set_device_checks",
+           "set_memory_budget", "standardize_logits"]

@@ -156,8 +156,8 @@ def log_softmax_rows(z: torch.Tensor) -> torch.Tensor:
 
 
 def xlogy_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``p * (log p - log q)`` with ``0 log 0 = 0`` (as ``F.kl_div``): zero where ``p`` is 0."""
-    return torch.where(p > 0, p * (log_p - log_q), 0.0)
+    """``p * (log p - log q)`` with ``0 log 0 = 0`` (as ``F.kl_div``): zero where ``p`` is 0; NaN stays NaN."""
+    return torch.where(p == 0, 0.0, p * (log_p - log_q))
 
 
 def reduce_rows(row_loss: torch.Tensor, valid: torch.Tensor | None, reduction: str, leading_shape):

@@ -74,11 +74,18 @@ def pcd_rows(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: 
     order = torch.sort(priority_key(s, t, live, rank_by), dim=-1, descending=True, stable=True).indices
     pos = torch.empty_like(order).scatter_(1, order, torch.arange(num_classes, device=s.device).expand_as(order))
     bounds = [stage_bounds(n, g) for g in stage_groups]
-    cuts = torch.cat(bounds + [n.unsqueeze(-1)], -1).sort(-1).values  # interior boundaries, then n
-    atoms = cuts.shape[-1]  # atom k spans positions [cuts[k-1], cuts[k]); the last column is n
-    atom = torch.where(live, torch.searchsorted(cuts[:, :-1].contiguous(), pos, right=True), atoms)
-    starts = torch.cat([torch.zeros_like(n).unsqueeze(-1), cuts[:, :-1]], -1)
-    count = (cuts - starts).to(torch.float64)
+    interior = sum(g - 1 for g in stage_groups)
+    if interior < num_classes:  # atom k spans rank positions [starts[k], starts[k+1]) (sorted boundaries)
+        cuts = torch.cat(bounds + [n.unsqueeze(-1)], -1).sort(-1).values
+        starts = torch.cat([torch.zeros_like(n).unsqueeze(-1), cuts[:, :-1]], -1)
+        count = (cuts - starts).to(torch.float64)
+        atom = torch.searchsorted(cuts[:, :-1].contiguous(), pos, right=True)
+    else:  # more boundaries than classes (K near C): every rank position is its own atom
+        starts = torch.arange(num_classes, device=s.device).expand(rows, num_classes)
+        count = (starts < n.unsqueeze(-1)).to(torch.float64)
+        atom = pos
+    atoms = starts.shape[-1]
+    atom = torch.where(live, atom, atoms)  # absent classes go to a dump atom
 
     # 3. per-atom sums, shifted by the atom's maxima
     a = torch.where(s_inf, 0.0, s / temperature)
@@ -101,7 +108,7 @@ def pcd_rows(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: 
     coef = torch.zeros(4, rows, atoms, dtype=torch.float64, device=s.device)  # on e_s, e_t, u, and a constant
     t2 = temperature**2
     for g, stage_cuts in zip(stage_groups, bounds):
-        group = (stage_cuts.unsqueeze(1) <= starts.unsqueeze(-1)).sum(-1)  # (rows, atoms): each atom's group
+        group = torch.searchsorted(stage_cuts, starts.contiguous(), right=True)  # (rows, atoms): each atom's group
         lse_s = _group_lse(m_s, z_s, group, g)
         lse_t = _group_lse(m_t, z_t, group, g)
         delta = m_s - lse_s.gather(1, group)  # log q_s = u + delta within an atom
@@ -109,7 +116,8 @@ def pcd_rows(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: 
         w_t = torch.where(z_t > 0, torch.exp(m_t - lse_t.gather(1, group)), 0.0)
         mass_t = _scatter(w_t * z_t, group, g)  # sum of q_t over the group: 1, or 0 without teacher mass
         has_t = mass_t > 0
-        kl = t2 * torch.where(has_t, _scatter(w_t * sum_tdiff, group, g) + lse_s - lse_t, 0.0)
+        single = _scatter(count, group, g) < 2  # a group of one class has KL exactly 0
+        kl = t2 * torch.where(has_t & ~single, _scatter(w_t * sum_tdiff, group, g) + lse_s - lse_t, 0.0)
         if adaptive:
             dot = _scatter(w_t * (sum_tu + delta * z_t), group, g)
             norm_t = _scatter(w_t * w_t * sum_tt, group, g).sqrt()
