@@ -169,8 +169,9 @@ def reduce_rows(row_loss: torch.Tensor, valid: torch.Tensor | None, reduction: s
     total = row_loss.sum()
     if reduction == "sum":
         return total
-    count = row_loss.new_tensor(row_loss.numel()) if valid is None else valid.sum().to(row_loss.dtype)
-    return total / count.clamp_min(1)
+    if valid is None:
+        return total / max(row_loss.numel(), 1)  # a python divisor: no host-to-device copy
+    return total / valid.sum().to(row_loss.dtype).clamp_min(1)
 
 
 def standardize_logits(logits: torch.Tensor) -> torch.Tensor:

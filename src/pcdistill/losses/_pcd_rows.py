@@ -38,6 +38,13 @@ def priority_key(s: torch.Tensor, t: torch.Tensor, live: torch.Tensor, rank_by: 
     return torch.where(live, key, float("-inf"))
 
 
+def sortable(key: torch.Tensor) -> torch.Tensor:
+    """Integers in the order of the float ``key`` (sign-magnitude bits to two's complement): integer sorts
+    are 1.5-2.5x faster than float sorts on the CPU, and the order, ties included, is the same."""
+    bits = key.view(torch.int32 if key.dtype == torch.float32 else torch.int64)
+    return torch.where(bits < 0, bits ^ torch.iinfo(bits.dtype).max, bits)
+
+
 def stage_bounds(n: torch.Tensor, groups: int) -> torch.Tensor:
     """Interior boundaries ``(rows, groups - 1)`` of ``tensor_split(range(n), groups)``: ``i*base + min(i, n mod g)``."""
     i = torch.arange(1, groups, device=n.device)
@@ -70,38 +77,41 @@ def pcd_rows(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: 
     inf_row = (live & s_inf & ~t_inf).any(-1)  # the student rules out a class the teacher keeps: loss +inf
     nan_row = (torch.isnan(s) | torch.isposinf(s) | torch.isnan(t) | torch.isposinf(t)).any(-1)
 
-    # 1-2. rank positions, boundaries of every stage, atoms
-    order = torch.sort(priority_key(s, t, live, rank_by), dim=-1, descending=True, stable=True).indices
-    pos = torch.empty_like(order).scatter_(1, order, torch.arange(num_classes, device=s.device).expand_as(order))
+    # 1-2. one sort per row; boundaries of every stage; each class's atom, marked in rank order
+    order = torch.sort(sortable(priority_key(s, t, live, rank_by)), dim=-1, descending=True, stable=True).indices
     bounds = [stage_bounds(n, g) for g in stage_groups]
-    interior = sum(g - 1 for g in stage_groups)
-    if interior < num_classes:  # atom k spans rank positions [starts[k], starts[k+1]) (sorted boundaries)
+    if sum(g - 1 for g in stage_groups) < num_classes:  # atom k spans rank positions [starts[k], cuts[k])
         cuts = torch.cat(bounds + [n.unsqueeze(-1)], -1).sort(-1).values
         starts = torch.cat([torch.zeros_like(n).unsqueeze(-1), cuts[:, :-1]], -1)
-        count = (cuts - starts).to(torch.float64)
-        atom = torch.searchsorted(cuts[:, :-1].contiguous(), pos, right=True)
+        # the atom of rank position p is the number of cuts <= p; positions >= n land in the dump atom
+        marks = torch.zeros(rows, num_classes + 1, dtype=torch.int64, device=s.device)
+        atom_by_rank = marks.scatter_add_(1, cuts, torch.ones_like(cuts)).cumsum(1)[:, :num_classes]
     else:  # more boundaries than classes (K near C): every rank position is its own atom
         starts = torch.arange(num_classes, device=s.device).expand(rows, num_classes)
-        count = (starts < n.unsqueeze(-1)).to(torch.float64)
-        atom = pos
+        cuts = starts + 1
+        atom_by_rank = torch.where(starts < n.unsqueeze(-1), starts, num_classes)
+    count = (cuts.clamp_max(n.unsqueeze(-1)) - starts).clamp_min(0).to(torch.float64)
     atoms = starts.shape[-1]
-    atom = torch.where(live, atom, atoms)  # absent classes go to a dump atom
+    atom = torch.empty_like(order).scatter_(1, order, atom_by_rank)
 
-    # 3. per-atom sums, shifted by the atom's maxima
+    # 3. per-atom sums, shifted by the atom's maxima (absent classes sit in the dump atom, never read)
     a = torch.where(s_inf, 0.0, s / temperature)
     b = torch.where(t_ok, t / temperature, float("-inf"))
     neg = torch.full((rows, atoms + 1), float("-inf"), dtype=s.dtype, device=s.device)
-    m_s = neg.scatter_reduce(1, atom, torch.where(live, a, float("-inf")), "amax")
+    m_s = neg.scatter_reduce(1, atom, a, "amax")
     m_t = neg.scatter_reduce(1, atom, b, "amax")
-    m_s, m_t = torch.where(torch.isneginf(m_s), 0.0, m_s), torch.where(torch.isneginf(m_t), 0.0, m_t)
-    u = torch.where(live, a - m_s.gather(1, atom), 0.0)
-    e_s = torch.where(live, u.exp(), 0.0)
-    e_t = torch.where(t_ok, (b - m_t.gather(1, atom)).exp(), 0.0)
-    diff = torch.where(t_ok, b - a, 0.0)
-    parts = torch.stack([e_s, u, u * u, e_t, e_t * diff, e_t * u, e_t * e_t], 1)
-    sums = parts.new_zeros(rows, 7, atoms + 1).scatter_add_(2, atom.unsqueeze(1).expand_as(parts), parts)
-    del parts
-    z_s, sum_u, sum_uu, z_t, sum_tdiff, sum_tu, sum_tt = sums[..., :atoms].to(torch.float64).unbind(1)
+    m_s = torch.where(torch.isneginf(m_s), 0.0, m_s)  # an empty atom
+    m_t = torch.where(torch.isneginf(m_t), 0.0, m_t)  # an atom without teacher mass
+    parts = torch.empty(7, rows, num_classes, dtype=s.dtype, device=s.device)
+    u = torch.sub(a, m_s.gather(1, atom), out=parts[1])
+    e_s = torch.exp(u, out=parts[0])
+    torch.mul(u, u, out=parts[2])
+    e_t = torch.exp(b - m_t.gather(1, atom), out=parts[3])  # 0 where the teacher is -inf
+    torch.mul(e_t, torch.where(t_ok, b - a, 0.0), out=parts[4])
+    torch.mul(e_t, u, out=parts[5])
+    torch.mul(e_t, e_t, out=parts[6])
+    sums = parts.new_zeros(7, rows, atoms + 1).scatter_add_(2, atom.expand_as(parts), parts)
+    z_s, sum_u, sum_uu, z_t, sum_tdiff, sum_tu, sum_tt = sums[..., :atoms].to(torch.float64).unbind(0)
     m_s, m_t = m_s[:, :atoms].to(torch.float64), m_t[:, :atoms].to(torch.float64)
 
     loss = torch.zeros(rows, dtype=torch.float64, device=s.device)
@@ -145,6 +155,6 @@ def pcd_rows(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: 
     # 4. the gradient, one pass over the classes
     pad = torch.zeros(4, rows, 1, dtype=torch.float64, device=s.device)
     coef = torch.cat([coef, pad], -1).to(s.dtype)
-    p, q, r, c = (x.gather(1, atom) for x in coef.unbind(0))
-    grad = (e_s * p + e_t * q + u * r + torch.where(live, c, 0.0)) * (factor / temperature)
+    p, q, r, c = coef.gather(2, atom.expand(4, rows, num_classes)).unbind(0)  # the dump atom's are 0
+    grad = (e_s * p + e_t * q + u * r + c) * (factor / temperature)
     return loss, torch.where((inf_row | nan_row).unsqueeze(-1), float("nan"), grad)
