@@ -1,104 +1,136 @@
-"""Forward+backward time and peak extra memory of the distillation losses.
+"""Forward+backward time and memory of the distillation losses, as the process sees them.
 
-Compares KD, DKD, PCD (paper joint K=3, curriculum, K=7, released) and two plain loops with autograd:
-a per-group loop (sort once, then one softmax/KL/cosine per group over all rows at once) and a
-per-row per-group loop (the definition read literally, as the tests' reference), at several shapes,
-on the CPU and, when present, CUDA. Methods are timed in interleaved rounds, so machine noise hits
-all of them alike; ratios are taken within this run only.
+Per shape and method:
+* time: rounds that alternate KD and the method only (after warm-up), so no method pays for
+  another's aftermath; the ratio X/KD is the ratio of the two medians of those rounds;
+* peak extra memory: one forward+backward in a fresh subprocess (CPU: peak RSS growth, read from
+  /proc/self/status after resetting the high-water mark; CUDA: ``max_memory_allocated`` growth),
+  beside the torch profiler's view (which misses workspaces and numpy arrays), and what is still held
+  after the call once the loss and the gradient are freed;
+* the bound of the losses' contract: peak <= 2 x one logits tensor (input dtype) + 256 MiB.
+The literal per-row, per-group loop (the tests' reference) is timed on its own at 256 x 1000.
 
-    python bench/loss_speed.py                 # all shapes, every available device
-    python bench/loss_speed.py --quick         # fewer rounds
-    python bench/loss_speed.py --sizes 256x1000 --device cpu
+    python bench/loss_speed.py                       # every shape, CPU (and CUDA when present)
+    python bench/loss_speed.py --shapes 256x1000:fp32 --methods KD "PCD K=3"
+    python bench/loss_speed.py --quick               # fewer rounds
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from pcdistill.losses import dkd_loss, kd_loss, pcd_loss
+from pcdistill.losses import dist_loss, dkd_loss, kd_loss, pcd_loss
 
-TEMPERATURE, STAGES = 4.0, 3
-DEFAULT_SIZES = ["64x100", "256x1000", "1024x1000", "128x32000"]
-
-
-def per_group_loop(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """PCD written plainly: full sort, then each stage's groups one by one (each stage counted twice)."""
-    key = ((t - t.mean(1, keepdim=True)) - (s.detach() - s.detach().mean(1, keepdim=True))).abs()
-    order = torch.argsort(key, dim=1, descending=True, stable=True)
-    s_o, t_o = s.gather(1, order), t.gather(1, order)
-    total = s.new_zeros(s.shape[0])
-    for g in range(1, STAGES + 1):
-        for chunk_s, chunk_t in zip(torch.tensor_split(s_o, g, dim=1), torch.tensor_split(t_o, g, dim=1)):
-            q_t = F.softmax(chunk_t / TEMPERATURE, dim=1)
-            log_q_s = F.log_softmax(chunk_s / TEMPERATURE, dim=1)
-            kl = (q_t * (torch.log(q_t) - log_q_s)).sum(1) * TEMPERATURE**2
-            total = total + (1 - F.cosine_similarity(q_t, log_q_s, dim=1, eps=1e-8)) * kl
-    return (2 * total).mean()
+T = 4.0
+SHAPES = ["256x1000:fp32", "1024x1000:fp32", "128x32000:fp32", "4096x32000:bf16", "512x128000:fp32",
+          "512x128000:bf16"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+SLACK = 256 * 2**20
 
 
-def per_row_group_loop(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """PCD as the definition reads (and as the tests' reference is written): row by row, group by group."""
+def textbook_kd(s, t, target):
+    return F.kl_div(F.log_softmax(s.float() / T, -1), F.log_softmax(t.float() / T, -1), log_target=True,
+                    reduction="batchmean") * T**2
+
+
+METHODS = {
+    "torch KD": textbook_kd,
+    "KD": lambda s, t, y: kd_loss(s, t, temperature=T),
+    "DKD": lambda s, t, y: dkd_loss(s, t, y, temperature=T),
+    "PCD K=3": lambda s, t, y: pcd_loss(s, t, temperature=T, stages=3),
+    "PCD K=7": lambda s, t, y: pcd_loss(s, t, temperature=T, stages=7),
+    "PCD curriculum": lambda s, t, y: pcd_loss(s, t, temperature=T, stages=3, schedule="curriculum", progress=0.3),
+    "PCD released": lambda s, t, y: pcd_loss(s, t, temperature=T, stages=3, variant="released"),
+    "DIST": lambda s, t, y: dist_loss(s, t),
+}
+DEFAULT_METHODS = [m for m in METHODS if m != "DIST"]
+
+
+def per_row_group_loop(s, t, y):
+    """PCD as the definition reads (the tests' reference): row by row, group by group, autograd."""
     rows = []
     for s_row, t_row in zip(s, t):
         key = ((t_row - t_row.mean()) - (s_row.detach() - s_row.detach().mean())).abs()
         order = torch.argsort(key, descending=True, stable=True)
         s_o, t_o = s_row[order], t_row[order]
         total = s_row.new_zeros(())
-        for g in range(1, STAGES + 1):
-            for chunk_s, chunk_t in zip(torch.tensor_split(s_o, g), torch.tensor_split(t_o, g)):
-                q_t = F.softmax(chunk_t / TEMPERATURE, dim=0)
-                log_q_s = F.log_softmax(chunk_s / TEMPERATURE, dim=0)
-                kl = (q_t * (torch.log(q_t) - log_q_s)).sum() * TEMPERATURE**2
+        for g in range(1, 4):
+            for cs, ct in zip(torch.tensor_split(s_o, g), torch.tensor_split(t_o, g)):
+                q_t = F.softmax(ct / T, 0)
+                log_q_s = F.log_softmax(cs / T, 0)
+                kl = (q_t * (torch.log(q_t) - log_q_s)).sum() * T**2
                 total = total + (1 - F.cosine_similarity(q_t, log_q_s, dim=0, eps=1e-8)) * kl
         rows.append(2 * total)
     return torch.stack(rows).mean()
 
 
-def methods(target: torch.Tensor):
-    return {
-        "KD": lambda s, t: kd_loss(s, t, temperature=TEMPERATURE),
-        "DKD": lambda s, t: dkd_loss(s, t, target, temperature=TEMPERATURE),
-        "PCD joint K=3": lambda s, t: pcd_loss(s, t, temperature=TEMPERATURE, stages=STAGES),
-        "PCD curriculum K=3": lambda s, t: pcd_loss(s, t, temperature=TEMPERATURE, stages=STAGES,
-                                                    schedule="curriculum", progress=0.3),
-        "PCD joint K=7": lambda s, t: pcd_loss(s, t, temperature=TEMPERATURE, stages=7),
-        "PCD released K=3": lambda s, t: pcd_loss(s, t, temperature=TEMPERATURE, stages=STAGES, variant="released"),
-        "per-group loop K=3": per_group_loop,
-        "per-row per-group loop K=3": per_row_group_loop,
-    }
+def parse_shape(text: str):
+    size, _, dtype = text.partition(":")
+    rows, classes = (int(v) for v in size.lower().split("x"))
+    return rows, classes, DTYPES[dtype or "fp32"]
 
 
-def sync(device: torch.device) -> None:
+def inputs(rows, classes, dtype, device):
+    gen = torch.Generator().manual_seed(0)
+    s = (torch.randn(rows, classes, generator=gen) * 3).to(device=device, dtype=dtype).requires_grad_(True)
+    t = (torch.randn(rows, classes, generator=gen) * 3).to(device=device, dtype=dtype)
+    return s, t, torch.randint(0, classes, (rows,), generator=gen).to(device)
+
+
+def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def step(fn, s, t) -> None:
+def step(fn, s, t, y) -> None:
     s.grad = None
-    fn(s, t).backward()
+    fn(s, t, y).backward()
 
 
-def peak_extra_bytes(fn, s, t, device: torch.device) -> int:
-    """Peak bytes allocated by one forward+backward beyond what was allocated before it."""
-    step(fn, s, t)  # warm caches (layouts, workspaces) so they are not counted
-    s.grad = None
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step(fn, s, t)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+def timed(fn, s, t, y, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    step(fn, s, t, y)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def time_against_kd(fn, s, t, y, device, rounds: int, warmup: int) -> tuple[float, float]:
+    """Medians (ms) of KD and ``fn`` over rounds that alternate the two only."""
+    kd = METHODS["KD"]
+    for _ in range(warmup):
+        step(kd, s, t, y)
+        step(fn, s, t, y)
+    kd_times, fn_times = [], []
+    for _ in range(rounds):
+        kd_times.append(timed(kd, s, t, y, device))
+        fn_times.append(timed(fn, s, t, y, device))
+    return statistics.median(kd_times) * 1e3, statistics.median(fn_times) * 1e3
+
+
+# ----------------------------------------------------------------------------------------------
+# memory, in a fresh process
+# ----------------------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _profiler_peak(fn, s, t, y) -> int:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(fn, s, t)
+        step(fn, s, t, y)
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     current = peak = 0
@@ -108,19 +140,48 @@ def peak_extra_bytes(fn, s, t, device: torch.device) -> int:
     return peak
 
 
-def time_methods(fns: dict, s, t, device, rounds: int, warmup: int = 3) -> dict[str, float]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            step(fn, s, t)
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            step(fn, s, t)
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) * 1e3 for name, v in times.items()}
+def probe(method: str, shape: str, device_name: str) -> dict:
+    """One forward+backward of ``method`` in this (fresh) process: peak extra and held-after bytes."""
+    device = torch.device(device_name)
+    rows, classes, dtype = parse_shape(shape)
+    fn = METHODS[method]
+    small = inputs(4, classes, dtype, device)
+    step(fn, *small)  # lazy initialisation (threads, kernels) is not the loss's memory
+    del small
+    s, t, y = inputs(rows, classes, dtype, device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(fn, s, t, y)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        s.grad = None
+        gc.collect()
+        held = torch.cuda.memory_allocated() - base
+        profiler = None
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
+        base = _status_kib("VmRSS")
+        step(fn, s, t, y)
+        peak = (_status_kib("VmHWM") - base) * 1024
+        s.grad = None
+        gc.collect()
+        held = (_status_kib("VmRSS") - base) * 1024
+        profiler = _profiler_peak(fn, s, t, y)
+    return {"peak": peak, "held": held, "profiler": profiler, "logits": rows * classes * s.element_size()}
+
+
+def measure_memory(method: str, shape: str, device: str) -> dict:
+    # big blocks always mmapped: freed memory goes back to the OS, so "held after" is what stays allocated
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    out = subprocess.run([sys.executable, __file__, "--probe", method, shape, device], capture_output=True,
+                         text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe {method} {shape} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def describe_hardware(device: torch.device) -> str:
@@ -137,49 +198,64 @@ def describe_hardware(device: torch.device) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, help="ROWSxCLASSES shapes")
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, help="ROWSxCLASSES[:fp32|bf16|fp64]")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per method (median reported)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory probes")
+    parser.add_argument("--probe", nargs=3, metavar=("METHOD", "SHAPE", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe:
+        print(json.dumps(probe(*args.probe)))
+        return 0
 
     devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
     elif args.device == "cuda":
         parser.error("CUDA is not available on this machine")
-
     print(f"# loss_speed: {datetime.date.today()}, torch {torch.__version__}")
     checks = []
     for device in devices:
         print(f"\n## {device.type}: {describe_hardware(device)}\n")
-        print("| rows x classes | method | fwd+bwd ms (median) | x KD | peak extra MiB | peak / (rows*classes*4 B) |")
-        print("|---|---|---:|---:|---:|---:|")
-        for size in args.sizes:
-            rows, classes = (int(v) for v in size.lower().split("x"))
-            gen = torch.Generator().manual_seed(0)
-            s = (torch.randn(rows, classes, generator=gen) * 3).to(device).requires_grad_(True)
-            t = (torch.randn(rows, classes, generator=gen) * 3).to(device)
-            target = torch.randint(0, classes, (rows,), generator=gen).to(device)
-            fns = methods(target)
-            big = rows * classes >= 4_000_000
-            rounds = args.rounds or (5 if args.quick else 15 if big else 41)
-            if big and device.type == "cpu":
-                rounds = min(rounds, 7)
-            ms = time_methods(fns, s, t, device, rounds)
-            unit = rows * classes * 4
-            for name, fn in fns.items():
-                peak = peak_extra_bytes(fn, s, t, device)
-                print(f"| {rows} x {classes} | {name} | {ms[name]:.3f} | {ms[name] / ms['KD']:.2f} | "
-                      f"{peak / 2**20:.1f} | {peak / unit:.1f} |")
+        print("| shape | method | ms | x KD (alternating) | peak extra MiB | x logits | within 2x+256 MiB "
+              "| profiler MiB | held after MiB |")
+        print("|---|---|---:|---:|---:|---:|:---:|---:|---:|")
+        for shape in args.shapes:
+            rows, classes, dtype = parse_shape(shape)
+            s, t, y = inputs(rows, classes, dtype, device)
+            big = rows * classes >= 20_000_000
+            rounds = 3 if (args.quick or big) else 15
+            warmup = 1 if big else 3
+            ratios = {}
+            for method in args.methods:
+                kd_ms, ms = time_against_kd(METHODS[method], s, t, y, device, rounds, warmup)
+                ratios[method] = ms / kd_ms
+                mem = None if args.no_memory else measure_memory(method, shape, device.type)
+                cells = ["-"] * 5
+                if mem:
+                    bound = 2 * mem["logits"] + SLACK
+                    prof = "-" if mem["profiler"] is None else f"{mem['profiler'] / 2**20:.0f}"
+                    cells = [f"{mem['peak'] / 2**20:.0f}", f"{mem['peak'] / mem['logits']:.2f}",
+                             "yes" if mem["peak"] <= bound else "NO", prof, f"{mem['held'] / 2**20:.0f}"]
+                    if method != "torch KD":
+                        checks.append((f"{device.type} {shape} {method}: peak <= 2x logits + 256 MiB",
+                                       mem["peak"] / 2**20, mem["peak"] <= bound))
+                print(f"| {shape} | {method} | {ms:.2f} | {ms / kd_ms:.2f} | " + " | ".join(cells) + " |",
+                      flush=True)
             if device.type == "cpu" and (rows, classes) == (256, 1000):
-                pcd = ms["PCD joint K=3"]
-                checks.append(("CPU 256x1000: PCD / KD <= 3", pcd / ms["KD"], pcd / ms["KD"] <= 3))
-                for loop in ("per-group loop K=3", "per-row per-group loop K=3"):
-                    checks.append((f"CPU 256x1000: {loop} / PCD >= 8", ms[loop] / pcd, ms[loop] / pcd >= 8))
-            if device.type == "cuda" and (rows, classes) == (256, 1000):
-                ratio = ms["PCD joint K=3"] / ms["KD"]
-                checks.append(("CUDA 256x1000: PCD / KD <= 1.5", ratio, ratio <= 1.5))
+                if "PCD K=3" in ratios:
+                    checks.append(("cpu 256x1000: PCD K=3 / KD <= 2.5", ratios["PCD K=3"], ratios["PCD K=3"] <= 2.5))
+                loop = [timed(per_row_group_loop, s, t, y, device) for _ in range(3)]
+                pcd = [timed(METHODS["PCD K=3"], s, t, y, device) for _ in range(5)]
+                print(f"| {shape} | per-row per-group loop (timed alone) | {statistics.median(loop) * 1e3:.1f} | "
+                      f"{statistics.median(loop) / statistics.median(pcd):.1f} x PCD K=3 | | | | | |")
+            if device.type == "cpu" and (rows, classes) == (512, 128000) and "PCD K=3" in ratios:
+                checks.append((f"cpu {shape}: PCD K=3 / KD <= 2", ratios["PCD K=3"], ratios["PCD K=3"] <= 2))
+            if device.type == "cuda" and (rows, classes) == (8192, 128000) and "PCD K=3" in ratios:
+                checks.append((f"cuda {shape}: PCD K=3 / KD <= 1.2", ratios["PCD K=3"], ratios["PCD K=3"] <= 1.2))
+            del s, t, y
+            gc.collect()
     if checks:
         print("\n## targets\n")
         for label, value, ok in checks:
