@@ -4,7 +4,7 @@
 or under ``torchrun`` (DDP), and leaves a run folder:
 
     config.yaml            the resolved configuration
-    metrics.jsonl          one JSON object per epoch (epoch, train_loss, val_acc, test_acc, lr, seconds, ...)
+    metrics.jsonl          one JSON object per epoch (epoch, step, train_loss, val_acc, test_acc, lr, seconds, ...)
     tensorboard/           TensorBoard event files
     checkpoints/last.pt    written atomically at every epoch end (and every ``checkpoint_every`` steps)
     model.safetensors      the trained network
@@ -117,7 +117,8 @@ def train(cfg: Config | None, out_dir: str | Path, *, resume: bool = False, over
     checkpoint = None
     if resume:
         if not out_dir.is_dir():
-            raise ConfigError(f"--resume {str(out_dir)!r}: no such run folder")
+            raise ConfigError(f"--resume {str(out_dir)!r}: no such run folder (expected a folder holding "
+                              f"checkpoints/last.pt, written by `pcdistill train ... --out DIR`)")
         checkpoint = load_checkpoint(ckpt_path)
         cfg, changed = resume_config(checkpoint["config"], list(overrides))
         cfg, newly_given = resolve_paths(cfg)
@@ -238,6 +239,7 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dic
                                          progress=step / total_steps)
             loss = sum(losses.values())
             if not torch.isfinite(loss).item():
+                bar.close()  # clear the bar now, not after the error is printed
                 raise NonFiniteLossError(_non_finite_message(cfg, out_dir, losses, epoch, batch, steps_this_epoch,
                                                              step, saved_at))
             optimizer.zero_grad(set_to_none=True)
