@@ -78,6 +78,14 @@ def test_warmup_without_epoch_is_refused_not_silently_zero():
     assert logits.shape == (4, 10)
 
 
+def test_detection_warmup_without_epoch_is_refused():
+    from pcdistill.detection.distill import RoIDistiller
+    from tests.test_detection import batch, tiny_detector
+    distiller = RoIDistiller(tiny_detector(0), tiny_detector(1), KDLoss(), warmup_epochs=2.0).train()
+    with pytest.raises(ValueError, match=r"warmup_epochs=2 .* pass epoch="):
+        distiller(*batch())
+
+
 # ---------------------------------------------------------------------------------------------- 2
 @pytest.mark.parametrize("override,key", [
     ("distill.loss.adaptive=maybe", "distill.loss.adaptive"),
@@ -316,18 +324,19 @@ def test_load_model_rebuilds_a_cli_trained_network(teacher_dir):
 
 
 # ---------------------------------------------------------------------------------------------- 16
-def test_short_runs_log_train_curves_and_weights_are_readable(tmp_path):
+def test_short_runs_log_train_curves(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run = tmp_path / "run"
-    summary = train(from_dict(digits_config(trainer={"epochs": 2, "log_every": 100000})), run)
+    train(from_dict(digits_config(trainer={"epochs": 2, "log_every": 100000})), run)
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
-    rows = read_metrics(run)
-    assert steps == [r["step"] for r in rows]  # one point at each epoch end, at the step metrics.jsonl records
-    assert summary.epochs == 2
-    mode = stat.S_IMODE(os.stat(run / "model.safetensors").st_mode)
-    assert mode == stat.S_IMODE(os.stat(run / "config.yaml").st_mode) == 0o666 & ~_umask()
+    assert steps == [r["step"] for r in read_metrics(run)]  # one point per epoch end, at the step metrics.jsonl records
+
+
+def test_weights_file_has_the_mode_of_every_other_file(teacher_dir):
+    mode = stat.S_IMODE(os.stat(teacher_dir / "model.safetensors").st_mode)
+    assert mode == stat.S_IMODE(os.stat(teacher_dir / "config.yaml").st_mode) == 0o666 & ~_umask()
 
 
 def _umask() -> int:
