@@ -22,7 +22,7 @@ from pcdistill.engine.records import read_metrics
 from pcdistill.engine.trainer import NonFiniteLossError, train
 from pcdistill.losses import KDLoss
 from tests.data_fixtures import write_mnist_folder
-from tests.helpers import digits_config
+from tests.helpers import REPO, digits_config
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -159,6 +159,8 @@ def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path):
         train(from_dict(cfg), tmp_path / "run")
     assert "No checkpoint was written yet" in str(err.value) and "optim.lr=1e+29" in str(err.value)
     assert "--resume" not in str(err.value) and not (tmp_path / "run" / "checkpoints").exists()
+    cfg["optim"]["lr"] = 0.05  # the advice: the same command, same --out, a lower lr
+    assert train(from_dict(cfg), tmp_path / "run").epochs == 1
 
 
 def test_non_finite_loss_advice_to_resume_with_a_lower_lr_works(capsys, tmp_path):
@@ -293,9 +295,9 @@ def test_eval_messages_and_the_config_beside_a_weights_file(capsys, tmp_path, te
 
 
 def test_small_messages(capsys, tmp_path):
-    assert_clean_error(cli(capsys, "train", "configs/digits", "--out", str(tmp_path / "r")),
+    assert_clean_error(cli(capsys, "train", str(REPO / "configs" / "digits"), "--out", str(tmp_path / "r")),
                        "is a folder", "pcd.yaml")
-    assert_clean_error(cli(capsys, "train", "configs/digits/pcd.yaml", "distill=pcd", "--out", str(tmp_path / "r")),
+    assert_clean_error(cli(capsys, "train", str(REPO / "configs" / "digits" / "pcd.yaml"), "distill=pcd", "--out", str(tmp_path / "r")),
                        "distill is a section", "distill.method=pcd")
     assert_clean_error(cli(capsys, "list", "modles"), "did you mean 'models'")
     rc, out, _ = cli(capsys, "--version")

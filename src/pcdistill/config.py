@@ -396,7 +396,8 @@ def _check_device(name: str) -> None:
     try:
         torch.device(name)
     except (RuntimeError, ValueError):
-        hint = " (an NVIDIA GPU is 'cuda')" if name.lower().startswith("gpu") else closest(name, ["auto", "cpu", "cuda"])
+        choices = ["auto", "cpu", "cuda"]
+        hint = " (an NVIDIA GPU is 'cuda')" if name.lower().startswith("gpu") else closest(name, choices)
         raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N (a torch device name); got "
                           f"{name!r}{hint}") from None
 

@@ -27,8 +27,9 @@ class Distiller(nn.Module):
 
     ``warmup = min(epoch / warmup_epochs, 1)`` (1 when ``warmup_epochs`` is 0), as in the PCD/DKD
     recipes; ``epoch`` is epochs done, counted continuously (1.0 at the end of the first epoch), and
-    must be passed whenever ``warmup_epochs > 0`` (without it the term would silently stay 0). ``loss`` is any module of :mod:`pcdistill.losses` (or None: a vanilla student, CE only);
-    it receives the targets when it declares ``needs_target`` (DKD) and ``progress`` when it declares
+    must be passed whenever ``warmup_epochs > 0`` (without it the term would silently stay 0).
+    ``loss`` is any module of :mod:`pcdistill.losses` (or None: a vanilla student, CE only); it
+    receives the targets when it declares ``needs_target`` (DKD) and ``progress`` when it declares
     ``needs_progress`` (PCD's curriculum). The teacher is frozen: no gradients, always in eval mode,
     run under ``torch.no_grad``.
     """

@@ -303,8 +303,9 @@ def _non_finite_message(cfg: Config, out_dir: Path, losses: dict, epoch: int, ba
     where = (f"non-finite loss at epoch {epoch + 1}, step {batch + 1} of {steps_this_epoch} (global step {step + 1}): "
              f"{values}. The run stopped.")
     if saved_at is None:
-        return (f"{where} No checkpoint was written yet, so there is nothing to resume: start again with a "
-                f"lower learning rate ({lower}{amp}) and a new --out folder (or delete {out_dir}).")
+        return (f"{where} No checkpoint was written yet, so there is nothing to resume: run the same command "
+                f"again (the same --out is accepted while it holds no checkpoint) with a lower learning rate "
+                f"({lower}){amp}.")
     return (f"{where} {out_dir / 'checkpoints' / 'last.pt'} holds the state after epoch {saved_at[0]} "
             f"(step {saved_at[1]}); continue from there with `pcdistill train --resume {out_dir} {lower}`{amp}.")
 
