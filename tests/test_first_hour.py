@@ -22,7 +22,7 @@ from pcdistill.engine.records import read_metrics
 from pcdistill.engine.trainer import NonFiniteLossError, train
 from pcdistill.losses import KDLoss
 from tests.data_fixtures import write_mnist_folder
-from tests.helpers import REPO, digits_config
+from tests.helpers import REPO, digits_config, run_cli
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -194,6 +194,13 @@ def test_overrides_and_positionals_anywhere(capsys, tmp_path):
     assert rc == 2 and "unrecognized arguments: --bogus" in err and "pcdistill train" in err
 
 
+def test_through_the_entry_point_an_override_after_the_options(tmp_path):
+    config = write(tmp_path / "c.yaml", digits_config())
+    proc = run_cli("train", str(config), "--out", str(tmp_path / "r"), "trainer.device=gpu")
+    assert_clean_error((proc.returncode, proc.stdout, proc.stderr), "trainer.device", "'gpu'")
+    assert "usage:" not in proc.stderr
+
+
 # ---------------------------------------------------------------------------------------------- 7
 LITERALS = ["1e-2", "5e-4", "5E-4", "1E5", "-2.5e+3", "+.5", "1.", ".5e1", "1_000.25", "3.14_15", "0e0"]
 
@@ -297,7 +304,8 @@ def test_eval_messages_and_the_config_beside_a_weights_file(capsys, tmp_path, te
 def test_small_messages(capsys, tmp_path):
     assert_clean_error(cli(capsys, "train", str(REPO / "configs" / "digits"), "--out", str(tmp_path / "r")),
                        "is a folder", "pcd.yaml")
-    assert_clean_error(cli(capsys, "train", str(REPO / "configs" / "digits" / "pcd.yaml"), "distill=pcd", "--out", str(tmp_path / "r")),
+    pcd = str(REPO / "configs" / "digits" / "pcd.yaml")
+    assert_clean_error(cli(capsys, "train", pcd, "distill=pcd", "--out", str(tmp_path / "r")),
                        "distill is a section", "distill.method=pcd")
     assert_clean_error(cli(capsys, "list", "modles"), "did you mean 'models'")
     rc, out, _ = cli(capsys, "--version")
