@@ -2,11 +2,13 @@
 
     pcdistill train configs/fashion_mnist/teacher.yaml --out runs/t
     pcdistill train configs/fashion_mnist/pcd.yaml teacher.weights=runs/t/model.safetensors --out runs/pcd
-    pcdistill train --resume runs/pcd
+    pcdistill train --resume runs/pcd                      # continue a killed run
+    pcdistill train --resume runs/pcd trainer.epochs=20    # extend a finished one
     pcdistill eval runs/pcd
     torchrun --nproc_per_node 2 -m pcdistill train configs/digits/pcd.yaml --out runs/ddp
     pcdistill bench accuracy --out results        # the evidence suite (resumable); --quick for a smoke run
 
+``key=value`` overrides and positionals may come anywhere on the line, before or after the options.
 Errors in what you asked for (a config key, a missing dataset, a bad weights file) are printed as one
 paragraph, without a traceback, and exit with status 2.
 """
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 from pcdistill.config import ConfigError
+from pcdistill.registry import closest
 
 
 def _user_errors():
@@ -25,20 +28,34 @@ def _user_errors():
     return ConfigError, DatasetError, NonFiniteLossError, FileNotFoundError
 
 
+def split_words(words: list[str]) -> tuple[list[str], list[str]]:
+    """(paths, overrides) of the positional words: ``key=value`` is an override unless it names a file."""
+    paths, overrides = [], []
+    for word in words:
+        (overrides if "=" in word and not Path(word).exists() else paths).append(word)
+    return paths, overrides
+
+
 def cmd_train(args) -> int:
-    from pcdistill.config import load_config
+    from pcdistill.config import RESUMABLE, load_config
     from pcdistill.engine.trainer import format_summary, train
+    paths, overrides = split_words(args.words)
     if args.resume:
-        if args.config or args.overrides:
-            raise ConfigError("--resume DIR continues a run with the config saved in DIR/config.yaml; "
-                              "do not pass a config file or overrides with it")
-        summary = train(None, args.resume, resume=True)
+        if paths or args.out:
+            raise ConfigError(f"--resume DIR continues the run in DIR with the config stored in its checkpoint "
+                              f"(DIR/checkpoints/last.pt), so it takes no config file or --out (got "
+                              f"{', '.join(paths + ([args.out] if args.out else []))}); key=value overrides may "
+                              f"change {', '.join(RESUMABLE)}")
+        summary = train(None, args.resume, resume=True, overrides=overrides)
     else:
-        if not args.config:
+        if not paths:
             raise ConfigError("pcdistill train needs a CONFIG file (e.g. configs/digits/pcd.yaml) or --resume DIR")
+        if len(paths) > 1:
+            raise ConfigError(f"pcdistill train takes one CONFIG file; got {', '.join(map(repr, paths))} "
+                              f"(overrides look like section.key=value)")
         if not args.out:
             raise ConfigError("pcdistill train needs --out DIR, the run folder to write")
-        summary = train(load_config(args.config, args.overrides), args.out)
+        summary = train(load_config(paths[0], overrides), args.out)
     if summary.epochs and _is_main():
         print(format_summary(summary))
     return 0
@@ -52,17 +69,22 @@ def _is_main() -> bool:
 def cmd_eval(args) -> int:
     from pcdistill.config import load_config
     from pcdistill.engine.trainer import evaluate_weights
-    target = Path(args.target)
-    if target.is_dir():
-        config = args.config or target / "config.yaml"
-        weights = target / "model.safetensors"
-    else:
-        if not args.config:
-            raise ConfigError(f"evaluating the weights file {str(target)!r} needs --config, the config it was "
-                              f"trained with (a run folder has it as config.yaml)")
-        config, weights = args.config, target
-    cfg = load_config(config, args.overrides)
-    results = evaluate_weights(cfg, weights, splits=args.split)
+    paths, overrides = split_words(args.words)
+    if len(paths) != 1:
+        raise ConfigError(f"pcdistill eval takes one run folder or weights file; got "
+                          f"{', '.join(map(repr, paths)) or 'none'}")
+    target = Path(paths[0])
+    if not target.exists():
+        raise ConfigError(f"{str(target)!r} does not exist; pass a run folder of `pcdistill train` (holding "
+                          f"config.yaml and model.safetensors) or a .safetensors file")
+    folder = target if target.is_dir() else target.parent
+    weights = target / "model.safetensors" if target.is_dir() else target
+    config = args.config or folder / "config.yaml"
+    if not Path(config).is_file():
+        raise ConfigError(f"{str(folder)!r} has no config.yaml; pass --config, the config {str(weights)!r} "
+                          f"was trained with")
+    cfg = load_config(config, overrides)
+    results = evaluate_weights(cfg, weights, splits=args.split or ["val", "test"])
     for split, metrics in results.items():
         print(f"{split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     return 0
@@ -77,55 +99,76 @@ def cmd_list(args) -> int:
         sections["detection_datasets"] = detection.list_detection_datasets()
     except ImportError:
         pass
-    unknown = [w for w in args.what if w not in sections]
+    unknown = [w for w in args.words if w not in sections]
     if unknown:
-        raise ConfigError(f"pcdistill list: unknown section {unknown[0]!r}; choose from {', '.join(sections)}")
-    for name in args.what or list(sections):
+        raise ConfigError(f"pcdistill list: unknown section {unknown[0]!r}{closest(unknown[0], sections)}; "
+                          f"choose from {', '.join(sections)}")
+    for name in args.words or list(sections):
         print(f"{name}: {', '.join(sections[name])}")
     return 0
 
 
 def cmd_demo(args) -> int:
     from pcdistill.demo import run_demo
-    run_demo(out_dir=Path(args.out), epochs=args.epochs)
+    run_demo(out_dir=Path(args.out), epochs=args.epochs, force=args.force)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pcdistill import __version__
     parser = argparse.ArgumentParser(prog="pcdistill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pcdistill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a teacher or distill a student from a YAML config")
-    p.add_argument("config", nargs="?", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.epochs=3 data.root=/path")
+    p.add_argument("words", nargs="*", metavar="CONFIG | key=value",
+                   help="the YAML config file and dotted overrides, e.g. trainer.epochs=3 data.root=/path")
     p.add_argument("--out", help="run folder to create")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    p.set_defaults(func=cmd_train)
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint, with the "
+                   "config stored there; overrides may extend it (trainer.epochs=N) or lower optim.lr")
+    p.set_defaults(func=cmd_train, parser=p)
 
     p = sub.add_parser("eval", help="evaluate a run folder or a weights file on the val/test splits")
-    p.add_argument("target", help="run folder (with config.yaml and model.safetensors) or a .safetensors file")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/path")
-    p.add_argument("--config", help="config of the weights (a run folder's config.yaml is used by default)")
-    p.add_argument("--split", nargs="+", default=["val", "test"], choices=["val", "test"])
-    p.set_defaults(func=cmd_eval)
+    p.add_argument("words", nargs="*", metavar="TARGET | key=value",
+                   help="a run folder (config.yaml + model.safetensors) or a .safetensors file (its folder's "
+                   "config.yaml is used), and dotted overrides, e.g. data.root=/path")
+    p.add_argument("--config", help="config of the weights (default: config.yaml in the run folder)")
+    p.add_argument("--split", action="append", choices=["val", "test"],
+                   help="split to evaluate; repeat for both (default: val and test)")
+    p.set_defaults(func=cmd_eval, parser=p)
 
     p = sub.add_parser("list", help="list models, datasets and distillation methods")
-    p.add_argument("what", nargs="*", help="models, datasets, methods, detectors, detection_datasets (default: all)")
-    p.set_defaults(func=cmd_list)
+    p.add_argument("words", nargs="*", metavar="SECTION",
+                   help="models, datasets, methods, detectors, detection_datasets (default: all)")
+    p.set_defaults(func=cmd_list, parser=p)
 
     p = sub.add_parser("demo", help="teacher, then vanilla/KD/DKD/PCD students on the embedded digits data")
     p.add_argument("--out", default="runs/demo", help="folder for the demo runs (default runs/demo)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the digits recipe's)")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--force", action="store_true", help="replace demo runs already in --out")
+    p.set_defaults(func=cmd_demo, parser=p)
 
     from pcdistill.evidence.cli import add_parser
     add_parser(sub)
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the line with positionals and ``key=value`` anywhere: words left after the options join them."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    owner = getattr(args, "parser", parser)
+    options = [word for word in extra if word.startswith("-")]
+    if options or (extra and not hasattr(args, "words")):
+        owner.error(f"unrecognized arguments: {' '.join(options or extra)}")
+    if extra:
+        args.words = args.words + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except _user_errors() as err:

@@ -2,8 +2,12 @@
 
     cfg = load_config("configs/digits/pcd.yaml", ["trainer.epochs=3", "distill.loss.stages=4"])
 
-YAML is read with ``yaml.safe_load``: a config is data and never executes code. Unknown keys and
-wrong types are errors that name the key and suggest the closest valid one. Sections:
+YAML is read with a ``yaml.SafeLoader`` (a config is data and never executes code), narrowed to what a
+Python user expects: booleans are ``true``/``false`` only (``yes``, ``no``, ``on``, ``off`` stay strings and
+are refused where a boolean is expected), every Python float literal is a float (``1e-2``, ``5E-4``,
+``1_000.5``; PyYAML alone reads ``1e-2`` as a string), and a key given twice in one mapping is an error
+that names both lines. Overrides on the command line are parsed the same way. Unknown keys and wrong
+types are errors that name the key and suggest the closest valid one. Sections:
 
 data      name, root, val_fraction, split_seed (carves val from train; fixed across training seeds),
           train_samples (a stratified subset of the training split, by split_seed), augment,
@@ -22,6 +26,8 @@ trainer   epochs, iterations, batch_size, eval_batch_size, seed, device, amp, co
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +40,48 @@ from pcdistill.registry import closest
 
 class ConfigError(ValueError):
     """An invalid configuration: the message names the key, the problem and what is accepted."""
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key, first: int, second: int):
+        super().__init__(f"the key {key!r} appears twice in one mapping (lines {first} and {second}); "
+                         f"YAML would silently keep only the second: merge them into one")
+        self.key, self.lines = key, (first, second)
+
+
+_DIGITS = r"[0-9](?:_?[0-9])*"
+_POINT = rf"(?:(?:{_DIGITS})?\.{_DIGITS}|{_DIGITS}\.)"
+# Python's float literal grammar (with a sign), plus YAML's .inf and .nan
+FLOAT_LITERAL = re.compile(rf"^(?:[-+]?(?:(?:{_DIGITS}|{_POINT})[eE][-+]?{_DIGITS}|{_POINT})"
+                           rf"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_BOOL_TAG, _FLOAT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with true/false-only booleans, Python float literals and duplicate keys refused."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+ConfigLoader.add_implicit_resolver(_FLOAT_TAG, FLOAT_LITERAL, list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """``text`` read as YAML data with :class:`ConfigLoader`."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - ConfigLoader is a SafeLoader
 
 
 @dataclass
@@ -179,10 +227,14 @@ def _coerce(key: str, value, tp):
 def _from_dict(cls, data, prefix: str):
     if data is None:
         data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys; got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(data, dict):
+        if not prefix:
+            raise ConfigError(f"the config must be a mapping of sections (data:, model:, ...); got {data!r}")
+        section = prefix[:-1]
+        raise ConfigError(f"{section} is a section, a mapping of keys ({', '.join(names)}); got {data!r}: "
+                          f"set one of its keys, e.g. {section}.{names[0]}={data}")
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
@@ -211,7 +263,7 @@ def to_dict(cfg: Config) -> dict:
 # ----------------------------------------------------------------------------------------------
 def _parse_value(text: str):
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return parse_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
 
@@ -239,11 +291,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        files = ", ".join(sorted(p.name for p in path.glob("*.yaml"))) or "none"
+        raise ConfigError(f"config {str(path)!r} is a folder; pass one YAML file in it (it holds: {files}), "
+                          f"e.g. {str(path / 'pcd.yaml')!r}")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file such as "
                           f"configs/digits/pcd.yaml (see `pcdistill list`)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
+    except DuplicateKeyError as err:
+        raise ConfigError(f"config file {str(path)!r}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if data is None:
@@ -253,14 +311,72 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (or start from the defaults), apply dotted overrides, validate."""
-    data = read_yaml(path) if path is not None else {}
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                base: dict | None = None) -> Config:
+    """Read a YAML file (or start from ``base``, or the defaults), apply dotted overrides, validate."""
+    data = read_yaml(path) if path is not None else (base or {})
     return from_dict(apply_overrides(data, list(overrides or [])))
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Config, path: str | Path, given: dict[str, str] | None = None) -> None:
+    """Write ``cfg`` as YAML; ``given`` (key -> path as typed) goes into a header comment, for display."""
+    header = "".join(f"# {key} was given as {value!r}\n" for key, value in (given or {}).items())
+    Path(path).write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# paths a run reads; stored absolute so that a run resumes or is evaluated from any directory
+PATH_KEYS = ("data.root", "teacher.weights")
+
+
+def resolve_paths(cfg: Config) -> tuple[Config, dict[str, str]]:
+    """``cfg`` with relative ``PATH_KEYS`` made absolute (against the working directory), and the given forms."""
+    given = {}
+    sections = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        absolute = os.path.abspath(os.path.expanduser(value))
+        if absolute != value:
+            given[key] = value
+            sections.setdefault(section, {})[name] = absolute
+    changed = {section: dataclasses.replace(getattr(cfg, section), **fields) for section, fields in sections.items()}
+    return dataclasses.replace(cfg, **changed), given
+
+
+# what `pcdistill train --resume DIR key=value` may change: the length of the run, the learning rate,
+# where files are, and how the work is done; anything else would make it a different experiment
+RESUMABLE = ("trainer.epochs", "trainer.iterations", "optim.lr", "optim.clip_grad_norm", "trainer.amp",
+             "trainer.device", "trainer.threads", "trainer.num_workers", "trainer.log_every", "trainer.eval_every",
+             "trainer.checkpoint_every", "trainer.eval_batch_size", "data.root", "teacher.weights")
+
+
+def _flat(cfg: Config) -> dict[str, object]:
+    out = {}
+    for section, value in to_dict(cfg).items():
+        if isinstance(value, dict):
+            out |= {f"{section}.{k}": v for k, v in value.items()}
+        else:
+            out[section] = value
+    return out
+
+
+def resume_config(saved: dict, overrides: list[str]) -> tuple[Config, dict[str, tuple]]:
+    """The config of a run being resumed (``saved``, from its checkpoint) with ``overrides`` applied.
+
+    Returns the config and ``{key: (old, new)}`` of what changed; only :data:`RESUMABLE` keys may change.
+    """
+    old = from_dict(saved)
+    new = load_config(None, overrides, base=to_dict(old))
+    before, after = _flat(old), _flat(new)
+    changed = {k: (before[k], after[k]) for k in after if before[k] != after[k]}
+    refused = [k for k in changed if k not in RESUMABLE]
+    if refused:
+        raise ConfigError(f"--resume cannot change {', '.join(refused)}: a resumed run keeps its experiment. "
+                          f"Keys that may change on resume: {', '.join(RESUMABLE)}; for anything else start a "
+                          f"new run with --out")
+    return new, changed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,6 +389,19 @@ def _lookup(cfg: Config, dotted: str):
     return value
 
 
+def _check_device(name: str) -> None:
+    import torch
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        choices = ["auto", "cpu", "cuda"]
+        hint = " (an NVIDIA GPU is 'cuda')" if name.lower().startswith("gpu") else closest(name, choices)
+        raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:N (a torch device name); got "
+                          f"{name!r}{hint}") from None
+
+
 def validate(cfg: Config) -> None:
     """Checks beyond types: choices, ranges, and what a distillation run needs."""
     for key, choices in CHOICES.items():
@@ -280,6 +409,7 @@ def validate(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}{closest(value, choices)}")
     t, d = cfg.trainer, cfg.distill
+    _check_device(t.device)
     positive = {"trainer.epochs": t.epochs, "trainer.batch_size": t.batch_size, "optim.lr": cfg.optim.lr,
                 "trainer.log_every": t.log_every, "trainer.eval_every": t.eval_every}
     if t.iterations is not None:
@@ -309,7 +439,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"distill.loss is set ({d.loss}) but distill.method is 'vanilla', which uses no "
                               f"distillation loss; choose a method (kd, dkd, dist, pcd) or remove distill.loss")
     else:
-        from pcdistill.losses import build_loss
+        from pcdistill.losses import build_loss, loss_arguments
+        defaults = loss_arguments(d.method)
+        for key, value in d.loss.items():
+            if isinstance(defaults.get(key), bool) and not isinstance(value, bool):
+                raise ConfigError(f"distill.loss.{key} must be true or false; got {value!r} ({type(value).__name__})")
         try:
             build_loss(d.method, **d.loss)
         except (TypeError, ValueError) as err:

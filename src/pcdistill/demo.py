@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pcdistill.config import from_dict
+from pcdistill.config import ConfigError, from_dict
 from pcdistill.engine.trainer import train
 
 RECIPE = {
@@ -38,12 +38,20 @@ def recipe(name: str, teacher_weights: str | None = None) -> dict:
     return cfg | STUDENTS[name] | {"description": f"digits student: cnn_tiny, {name}"}
 
 
-def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None) -> list[dict]:
+def run_demo(out_dir: Path = Path("runs/demo"), epochs: int | None = None, force: bool = False) -> list[dict]:
+    """Train the demo runs into ``out_dir/<run>``; runs already there are replaced only with ``force``."""
     out_dir = Path(out_dir)
+    names = ["teacher", *STUDENTS]
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r} is a file; the demo needs a folder to write its runs into")
+    existing = [f"{name}/" for name in names if (out_dir / name).exists()]
+    if existing and not force:
+        raise ConfigError(f"{str(out_dir)!r} already holds demo runs ({', '.join(existing)}); pass --force to "
+                          f"replace them, or choose another --out")
     rows = []
-    for name in ["teacher", *STUDENTS]:
+    for name in names:
         run_dir = out_dir / name
-        shutil.rmtree(run_dir, ignore_errors=True)  # the demo owns its folders: rerunning starts afresh
+        shutil.rmtree(run_dir, ignore_errors=True)  # only reached with force, or when absent
         data = recipe(name, str(out_dir / "teacher" / "model.safetensors"))
         if epochs is not None:
             data["trainer"] = data["trainer"] | {"epochs": epochs}

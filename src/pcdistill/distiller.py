@@ -14,13 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def check_epoch(epoch, warmup_epochs: float) -> None:
+    """A warm-up needs the epoch: refuse ``epoch=None`` rather than ramp from 0 for ever."""
+    if epoch is None and warmup_epochs > 0:
+        raise ValueError(f"warmup_epochs={warmup_epochs:g} scales the distillation term by min(epoch / "
+                         f"warmup_epochs, 1), so pass epoch=, the epochs done (e.g. epoch + (step + 1) / "
+                         f"len(loader)); or build the distiller with warmup_epochs=0")
+
+
 class Distiller(nn.Module):
     """Classification distillation: ``ce_weight * CE(student, y) + warmup * alpha * loss(student, teacher)``.
 
     ``warmup = min(epoch / warmup_epochs, 1)`` (1 when ``warmup_epochs`` is 0), as in the PCD/DKD
-    recipes; the trainer passes ``epoch`` as epochs done, counted continuously (1.0 at the end of the
-    first epoch). ``loss`` is any module of :mod:`pcdistill.losses` (or None: a vanilla student, CE only);
-    it receives the targets when it declares ``needs_target`` (DKD) and ``progress`` when it declares
+    recipes; ``epoch`` is epochs done, counted continuously (1.0 at the end of the first epoch), and
+    must be passed whenever ``warmup_epochs > 0`` (without it the term would silently stay 0).
+    ``loss`` is any module of :mod:`pcdistill.losses` (or None: a vanilla student, CE only); it
+    receives the targets when it declares ``needs_target`` (DKD) and ``progress`` when it declares
     ``needs_progress`` (PCD's curriculum). The teacher is frozen: no gradients, always in eval mode,
     run under ``torch.no_grad``.
     """
@@ -49,9 +58,11 @@ class Distiller(nn.Module):
     def warmup(self, epoch: float) -> float:
         return 1.0 if self.warmup_epochs <= 0 else min(float(epoch) / self.warmup_epochs, 1.0)
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None, *, epoch: float = 0.0,
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None, *, epoch: float | None = None,
                 progress: float | None = None):
         """Student logits and a dict of named, already weighted losses (empty without targets)."""
+        if targets is not None and self.loss is not None:
+            check_epoch(epoch, self.warmup_epochs)
         logits = self.student(images)
         losses: dict[str, torch.Tensor] = {}
         if targets is None:
@@ -66,5 +77,5 @@ class Distiller(nn.Module):
                 kwargs["progress"] = progress
             args = (targets,) if getattr(self.loss, "needs_target", False) else ()
             value = self.loss(logits, teacher_logits.float(), *args, **kwargs)
-            losses["distill"] = self.warmup(epoch) * self.alpha * value
+            losses["distill"] = self.warmup(0.0 if epoch is None else epoch) * self.alpha * value
         return logits, losses

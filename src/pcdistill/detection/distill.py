@@ -32,6 +32,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from pcdistill.detection.models import detector_num_classes
+from pcdistill.distiller import check_epoch
 
 _TRANSFORM_SETTINGS = ("min_size", "max_size", "image_mean", "image_std", "size_divisible", "fixed_size")
 
@@ -159,22 +160,25 @@ class RoIDistiller(nn.Module):
             return self.loss(student_logits, teacher_logits, labels, **kwargs)
         return self.loss(student_logits, teacher_logits, **kwargs)
 
-    def forward(self, images, targets=None, *, epoch: float = 0.0, progress: float | None = None):
+    def forward(self, images, targets=None, *, epoch: float | None = None, progress: float | None = None):
         """Train mode: `(None, losses)` with `loss_classifier`, `loss_box_reg`, `loss_objectness`,
         `loss_rpn_box_reg`, plus `distill` (and `distill_box`) when distilling; `epoch` (fractional)
-        drives the warm-up, `progress` in [0, 1] is passed to losses that need it.
+        drives the warm-up (required when `warmup_epochs > 0`), `progress` in [0, 1] is passed to losses
+        that need it.
         Eval mode: the student's detections, a list of dicts (boxes xyxy in input-image pixels,
         labels, scores), exactly as torchvision returns them."""
         if not self.training:
             return self.student(images)
         if targets is None:
             raise ValueError("RoIDistiller needs targets in train mode")
+        if self.distills:
+            check_epoch(epoch, self.warmup_epochs)
         out = self.rois(images, targets, with_teacher=self.distills)
         labels = list(out.labels.split([len(p) for p in out.proposals]))
         loss_classifier, loss_box_reg = fastrcnn_loss(out.student_logits, out.student_boxes, labels,
                                                       out.regression_targets)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, **out.rpn_losses}
-        ramp = self.ramp(epoch)
+        ramp = self.ramp(0.0 if epoch is None else epoch)
         if self.loss is not None:
             value = self.distill_loss(out.student_logits, out.teacher_logits, out.labels, progress)
             losses["distill"] = self.alpha * ramp * value

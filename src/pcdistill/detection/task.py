@@ -12,7 +12,7 @@ from pcdistill.detection.distill import RoIDistiller
 from pcdistill.detection.evaluate import coco_evaluate
 from pcdistill.detection.models import create_detector
 from pcdistill.engine import distributed
-from pcdistill.engine.tasks import Task, load_teacher
+from pcdistill.engine.tasks import Task, check_loss_fits, load_teacher
 from pcdistill.losses import build_loss
 
 
@@ -39,6 +39,7 @@ def detection_task(cfg: Config, ctx: distributed.Context) -> Task:
             raise
         raise ConfigError(f"data: {err} (see `pcdistill list detection_datasets`)") from None
     num_classes = train.num_classes + 1
+    check_loss_fits(cfg, num_classes)
     student = _detector("model", cfg.model.name, num_classes, cfg.model.options)
     teacher = load_teacher(cfg, num_classes,
                            lambda: _detector("teacher", cfg.teacher.name, num_classes, cfg.teacher.options))

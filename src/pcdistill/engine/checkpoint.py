@@ -45,14 +45,32 @@ def export_weights(module: nn.Module, path: str | Path, metadata: dict[str, obje
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; a weights file is as shareable as the others
     _replace_atomically(tmp, path)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def read_metadata(path: str | Path) -> dict[str, object]:
+    """The JSON metadata of a safetensors file; ValueError naming the file when it is not one."""
     from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    return {k: json.loads(v) for k, v in raw.items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        return {k: json.loads(v) for k, v in raw.items()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(_unreadable(path, err)) from None
+
+
+def _unreadable(path: str | Path, err: Exception) -> str:
+    hint = (" (a .pt file is a training checkpoint; a run's trained weights are its model.safetensors, "
+            "or pass the run folder)" if Path(path).suffix == ".pt" else "")
+    return (f"cannot read weights file {str(path)!r}: {err}; expected a safetensors file written by "
+            f"`pcdistill train`{hint}")
 
 
 def resolve_weights(path: str | Path) -> Path:
@@ -73,8 +91,7 @@ def load_weights(module: nn.Module, path: str | Path) -> dict[str, object]:
         state = load_file(str(path))
         metadata = read_metadata(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"cannot read weights file {str(path)!r}: {err}; expected a safetensors file "
-                         f"written by `pcdistill train`") from None
+        raise ValueError(_unreadable(path, err)) from None
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -90,3 +107,26 @@ def load_weights(module: nn.Module, path: str | Path) -> dict[str, object]:
         raise ValueError(f"weights file {str(path)!r} does not fit this model{made_for}: {detail}")
     module.load_state_dict(state)
     return metadata
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """The network a ``pcdistill train`` run trained, rebuilt from its weights file and loaded, in eval mode.
+
+    ``path`` is a run folder or its ``model.safetensors``; the model name, options and class count come
+    from the file's metadata, so no config is needed. Use it as the teacher of your own loop.
+    """
+    from pcdistill import models
+    path = resolve_weights(path)
+    meta = read_metadata(path)
+    if "model" not in meta or "num_classes" not in meta:
+        raise ValueError(f"weights file {str(path)!r} has no model metadata (model, num_classes); it was not "
+                         f"written by `pcdistill train`: build the model yourself and use load_weights")
+    options = dict(meta.get("model_options") or {})
+    if meta.get("task") == "detection":
+        from pcdistill.detection.models import create_detector
+        net = create_detector(meta["model"], meta["num_classes"], **options)
+    else:
+        net = models.create(meta["model"], num_classes=meta["num_classes"], in_channels=meta.get("in_channels"),
+                            **options)
+    load_weights(net, path)
+    return net.eval()

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pcdistill.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -29,7 +31,11 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device is {name!r} but CUDA is not available here; use cpu or auto")
+        raise ConfigError(f"trainer.device is {name!r} but CUDA is not available on this machine "
+                          f"(torch {torch.__version__}, no usable GPU); use trainer.device=cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"trainer.device is {name!r} but this machine has {torch.cuda.device_count()} "
+                          f"CUDA device(s), numbered from 0")
     return device
 
 

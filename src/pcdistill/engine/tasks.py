@@ -35,6 +35,10 @@ class Task:
 def create_model(section: str, name: str, shape, options: dict) -> nn.Module:
     """``models.create`` with errors that name the config section."""
     num_classes, in_channels = shape if isinstance(shape, tuple) else (shape.num_classes, shape.in_channels)
+    for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if key in options:
+            raise ConfigError(f"{section}.options.{key} is set, but the {key.replace('_', ' ')} comes from the "
+                              f"dataset ({value} here); remove {section}.options.{key}")
     try:
         return models.create(name, num_classes=num_classes, in_channels=in_channels, **options)
     except (TypeError, ValueError) as err:
@@ -57,7 +61,10 @@ def load_teacher(cfg: Config, num_classes: int, build: Callable[[], nn.Module]) 
         path = resolve_weights(cfg.teacher.weights)
     except FileNotFoundError as err:
         raise ConfigError(f"teacher.weights: {err}") from None
-    meta = read_metadata(path)
+    try:
+        meta = read_metadata(path)
+    except ValueError as err:
+        raise ConfigError(f"teacher.weights: {err}") from None
     if meta.get("num_classes") not in (None, num_classes):
         raise ConfigError(f"teacher.weights {str(path)!r} was trained for {meta['num_classes']} classes but "
                           f"dataset {cfg.data.name!r} has {num_classes}; teacher and student must share classes")
@@ -69,6 +76,18 @@ def load_teacher(cfg: Config, num_classes: int, build: Callable[[], nn.Module]) 
     return teacher
 
 
+def check_loss_fits(cfg: Config, num_classes: int) -> None:
+    """Loss arguments bounded by the class count (PCD's stages), checked before a run folder is written."""
+    from pcdistill.losses import loss_arguments
+    if cfg.distill.method == "vanilla":
+        return
+    stages = cfg.distill.loss.get("stages", loss_arguments(cfg.distill.method).get("stages"))
+    if isinstance(stages, int) and stages > num_classes:
+        raise ConfigError(f"distill.loss.stages={stages} exceeds the {num_classes} classes of the logits "
+                          f"(dataset {cfg.data.name!r}); each stage splits the classes into that many groups, "
+                          f"so stages must lie in [1, {num_classes}]")
+
+
 def classification_task(cfg: Config, ctx: distributed.Context) -> Task:
     splits = data_lib.build(cfg.data.name, root=cfg.data.root, val_fraction=cfg.data.val_fraction,
                             seed=cfg.data.split_seed, **cfg.data.options)
@@ -78,6 +97,7 @@ def classification_task(cfg: Config, ctx: distributed.Context) -> Task:
         # a stratified, seeded subset: the same samples for every training seed and method
         keep = stratified_carve(train_split.targets, cfg.data.train_samples / len(train_split), cfg.data.split_seed)[1]
         train_split = train_split.subset(keep)
+    check_loss_fits(cfg, info.num_classes)
     student = create_model("model", cfg.model.name, info, cfg.model.options)
     teacher = load_teacher(cfg, info.num_classes,
                            lambda: create_model("teacher", cfg.teacher.name, info, cfg.teacher.options))

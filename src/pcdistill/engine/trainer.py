@@ -4,14 +4,16 @@
 or under ``torchrun`` (DDP), and leaves a run folder:
 
     config.yaml            the resolved configuration
-    metrics.jsonl          one JSON object per epoch (epoch, train_loss, val_acc, test_acc, lr, seconds, ...)
+    metrics.jsonl          one JSON object per epoch (epoch, step, train_loss, val_acc, test_acc, lr, seconds, ...)
     tensorboard/           TensorBoard event files
     checkpoints/last.pt    written atomically at every epoch end (and every ``checkpoint_every`` steps)
     model.safetensors      the trained network
 
-``train(resume=True)`` continues a killed run from ``checkpoints/last.pt``; on the CPU the result is
-bitwise identical to an uninterrupted run (data order and augmentation are functions of
-(seed, epoch, rank); model, optimizer, schedule and RNG states are restored).
+``train(resume=True)`` continues a killed run from ``checkpoints/last.pt``, with the config stored in
+that checkpoint; on the CPU the result is bitwise identical to an uninterrupted run (data order and
+augmentation are functions of (seed, epoch, rank); model, optimizer, schedule and RNG states are
+restored). ``overrides`` may change the keys of :data:`pcdistill.config.RESUMABLE`, e.g.
+``trainer.epochs`` to extend a finished run or ``optim.lr`` after a non-finite loss.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pcdistill import __version__
-from pcdistill.config import Config, ConfigError, from_dict, save_config, to_dict
+from pcdistill.config import Config, ConfigError, from_dict, resolve_paths, resume_config, save_config, to_dict
 from pcdistill.engine import distributed
 from pcdistill.engine.checkpoint import export_weights, load_checkpoint, save_checkpoint
 from pcdistill.engine.records import RunRecords, read_metrics
@@ -104,26 +106,45 @@ def check_environment(cfg: Config, ctx: distributed.Context) -> None:
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
-def train(cfg: Config | None, out_dir: str | Path, *, resume: bool = False) -> Summary:
-    """Train from ``cfg`` into ``out_dir`` (or, with ``resume=True``, continue the run in ``out_dir``)."""
+def train(cfg: Config | None, out_dir: str | Path, *, resume: bool = False, overrides: list[str] = ()) -> Summary:
+    """Train from ``cfg`` into ``out_dir``, or with ``resume=True`` continue the run in ``out_dir`` with the
+    config of its checkpoint, changed by ``overrides`` (``key=value``; only resumable keys)."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {str(out_dir)!r} is a file; the run folder must be a folder to create "
+                          f"(or an existing run to --resume)")
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     checkpoint = None
     if resume:
+        if not out_dir.is_dir():
+            raise ConfigError(f"--resume {str(out_dir)!r}: no such run folder (expected a folder holding "
+                              f"checkpoints/last.pt, written by `pcdistill train ... --out DIR`)")
         checkpoint = load_checkpoint(ckpt_path)
-        cfg = from_dict(checkpoint["config"])
-    elif ckpt_path.exists():
-        raise ConfigError(f"{str(out_dir)!r} already holds a run; continue it with `pcdistill train --resume "
-                          f"{out_dir}` or choose another --out folder")
-    assert cfg is not None
+        cfg, changed = resume_config(checkpoint["config"], list(overrides))
+        cfg, newly_given = resolve_paths(cfg)
+        given = {k: v for k, v in checkpoint.get("paths_given", {}).items() if k not in changed} | newly_given
+        note = f"resuming {out_dir} after epoch {checkpoint['epoch']} (step {checkpoint['step']}) with the config " \
+               f"stored in {ckpt_path}" + "".join(f"; {k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    else:
+        if overrides:
+            raise ConfigError("train(overrides=...) applies to resume=True; apply them to the config instead")
+        if ckpt_path.exists():
+            raise ConfigError(f"{str(out_dir)!r} already holds a run; continue it with `pcdistill train --resume "
+                              f"{out_dir}` (extend it with e.g. trainer.epochs=N) or choose another --out folder")
+        assert cfg is not None
+        cfg, given = resolve_paths(cfg)
+        note = ""
     ctx = distributed.setup(cfg.trainer.device)
     try:
-        return _train(cfg, out_dir, ctx, checkpoint)
+        if note and ctx.is_main:
+            print(note)
+        return _train(cfg, out_dir, ctx, checkpoint, given)
     finally:
         distributed.teardown(ctx)
 
 
-def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dict | None) -> Summary:
+def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dict | None,
+           given: dict[str, str]) -> Summary:
     check_environment(cfg, ctx)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -148,13 +169,20 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dic
         student.load_state_dict(checkpoint["student"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"]:  # empty when saved without fp16, e.g. before a resume switched amp on
+            scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"], ctx.device)
         start_epoch, start_batch, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
         partial = checkpoint.get("partial")
+        # the saved schedule holds the old base lr; a resume may have changed optim.lr (or the run's length)
+        scheduler.base_lrs = [cfg.optim.lr for _ in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["initial_lr"] = cfg.optim.lr
+            group["lr"] = cfg.optim.lr * lr_factor(cfg, step, steps_per_epoch, total_steps)
     if step >= total_steps:
         if ctx.is_main:
-            print(f"the run in {out_dir} already finished ({epochs} epochs)")
+            print(f"the run in {out_dir} already finished ({epochs} epochs, {step} steps); extend it with "
+                  f"`pcdistill train --resume {out_dir} trainer.epochs=N` (N > {epochs})")
         return _summary(out_dir, task.headline, 0.0, student)
 
     train_module = module
@@ -170,17 +198,21 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dic
     records = RunRecords(out_dir, enabled=ctx.is_main, purge_step=step if checkpoint is not None else None)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
+        save_config(cfg, out_dir / "config.yaml", given)
         records.truncate(start_epoch)
+    # (epoch, step) that checkpoints/last.pt holds, for the message after a non-finite loss
+    saved_at = (checkpoint["epoch"], checkpoint["step"]) if checkpoint is not None else None
 
     def save(epoch: int, batch: int, partial_sums) -> None:
+        nonlocal saved_at
         if ctx.is_main:
             save_checkpoint({
                 "config": to_dict(cfg), "epoch": epoch, "batch": batch, "step": step, "partial": partial_sums,
                 "student": student.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(ctx.device),
-                "pcdistill": __version__,
+                "pcdistill": __version__, "paths_given": given,
             }, out_dir / "checkpoints" / "last.pt")
+        saved_at = (epoch, step)
         distributed.barrier(ctx)
 
     run_start = time.perf_counter()
@@ -207,11 +239,9 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dic
                                          progress=step / total_steps)
             loss = sum(losses.values())
             if not torch.isfinite(loss).item():
-                values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch + 1}, step {batch + 1} of {steps_this_epoch} "
-                    f"(global step {step + 1}): {values}. The run stopped; checkpoints/last.pt still holds the "
-                    f"last good state (resume with a lower optim.lr, or trainer.amp=none)")
+                bar.close()  # clear the bar now, not after the error is printed
+                raise NonFiniteLossError(_non_finite_message(cfg, out_dir, losses, epoch, batch, steps_this_epoch,
+                                                             step, saved_at))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.optim.clip_grad_norm:
@@ -226,7 +256,8 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dic
                 sums[name] = sums.get(name, 0.0) + value.item()
             sums["total"] = sums.get("total", 0.0) + loss.item()
             bar.update(1)
-            if ctx.is_main and step % cfg.trainer.log_every == 0:
+            # every log_every steps, and at each epoch end so that short runs have curves too
+            if ctx.is_main and (step % cfg.trainer.log_every == 0 or batch + 1 == steps_this_epoch):
                 bar.set_postfix(loss=f"{sums['total'] / count:.4f}")
                 records.scalars(step, {f"train/{k}": v.item() for k, v in losses.items()}
                                 | {"train/loss": loss.item(), "train/lr": optimizer.param_groups[0]["lr"]})
@@ -262,6 +293,21 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dic
     records.close()
     distributed.barrier(ctx)
     return _summary(out_dir, task.headline, time.perf_counter() - run_start, student)
+
+
+def _non_finite_message(cfg: Config, out_dir: Path, losses: dict, epoch: int, batch: int, steps_this_epoch: int,
+                        step: int, saved_at: tuple[int, int] | None) -> str:
+    values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+    lower = f"optim.lr={cfg.optim.lr / 10:g}"
+    amp = " or trainer.amp=none" if cfg.trainer.amp != "none" else ""
+    where = (f"non-finite loss at epoch {epoch + 1}, step {batch + 1} of {steps_this_epoch} (global step {step + 1}): "
+             f"{values}. The run stopped.")
+    if saved_at is None:
+        return (f"{where} No checkpoint was written yet, so there is nothing to resume: run the same command "
+                f"again (the same --out is accepted while it holds no checkpoint) with a lower learning rate "
+                f"({lower}){amp}.")
+    return (f"{where} {out_dir / 'checkpoints' / 'last.pt'} holds the state after epoch {saved_at[0]} "
+            f"(step {saved_at[1]}); continue from there with `pcdistill train --resume {out_dir} {lower}`{amp}.")
 
 
 def evaluate_weights(cfg: Config, weights: str | Path, splits=("val", "test")) -> dict[str, dict[str, float]]:

@@ -15,11 +15,13 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_accuracy)
     p = what.add_parser("analysis", help="teacher-student gap by teacher rank for the suite's students")
     p.add_argument("--out", default="results", help="results folder of a finished suite")
-    p.add_argument("--dataset", default="fashion_mnist_pairs")
+    p.add_argument("--dataset", default="fashion_mnist_pairs",
+                   help="dataset whose students are analysed (default fashion_mnist_pairs)")
     p.set_defaults(func=cmd_analysis)
     p = what.add_parser("report", help="write results/ into the README between its results markers")
     p.add_argument("--out", default="results", help="results folder")
-    p.add_argument("--readme", default="README.md")
+    p.add_argument("--readme", default="README.md",
+                   help="file whose <!-- results:begin/end --> section is rewritten (default README.md)")
     p.set_defaults(func=cmd_report)
 
 
