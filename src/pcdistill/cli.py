@@ -1,9 +1,11 @@
-"""Command line: ``pcdistill train | eval | list | demo | bench``.
+"""Command line: ``pcdistill train | eval | list | convert | demo | bench``.
 
     pcdistill train configs/fashion_mnist/teacher.yaml --out runs/t
     pcdistill train configs/fashion_mnist/pcd.yaml teacher.weights=runs/t/model.safetensors --out runs/pcd
     pcdistill train --resume runs/pcd
     pcdistill eval runs/pcd
+    pcdistill eval configs/cifar100/resnet32x4_resnet8x4/pcd.yaml teacher.weights=ckpt_epoch_240.pth   # the teacher
+    pcdistill convert ckpt_epoch_240.pth --model resnet32x4 --num-classes 100 --out resnet32x4.safetensors
     torchrun --nproc_per_node 2 -m pcdistill train configs/digits/pcd.yaml --out runs/ddp
     pcdistill bench accuracy --out results        # the evidence suite (resumable); --quick for a smoke run
 
@@ -50,18 +52,23 @@ def _is_main() -> bool:
 
 
 def cmd_eval(args) -> int:
-    from pcdistill.config import load_config
+    from pcdistill.config import ModelConfig, load_config
     from pcdistill.engine.trainer import evaluate_weights
     target = Path(args.target)
-    if target.is_dir():
-        config = args.config or target / "config.yaml"
+    if target.suffix in (".yaml", ".yml"):  # a distillation config: evaluate its teacher
+        cfg = load_config(target, args.overrides)
+        if not cfg.teacher.name or not cfg.teacher.weights:
+            raise ConfigError(f"{str(target)!r} names no teacher with weights; set teacher.name and teacher.weights")
+        cfg.model = ModelConfig(name=cfg.teacher.name, options=cfg.teacher.options)
+        weights = cfg.teacher.weights
+    elif target.is_dir():
+        cfg = load_config(args.config or target / "config.yaml", args.overrides)
         weights = target / "model.safetensors"
     else:
         if not args.config:
             raise ConfigError(f"evaluating the weights file {str(target)!r} needs --config, the config it was "
                               f"trained with (a run folder has it as config.yaml)")
-        config, weights = args.config, target
-    cfg = load_config(config, args.overrides)
+        cfg, weights = load_config(args.config, args.overrides), target
     results = evaluate_weights(cfg, weights, splits=args.split)
     for split, metrics in results.items():
         print(f"{split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
@@ -71,6 +78,10 @@ def cmd_eval(args) -> int:
 def cmd_list(args) -> int:
     from pcdistill import data, losses, models
     sections = {"models": models.list_models(), "datasets": data.list_datasets(), "methods": losses.list_methods()}
+    try:
+        sections["timm"] = models.list_timm_models()
+    except ValueError:  # the optional timm extra is not installed
+        pass
     try:
         from pcdistill import detection
         sections["detectors"] = detection.list_detectors()
@@ -82,6 +93,19 @@ def cmd_list(args) -> int:
         raise ConfigError(f"pcdistill list: unknown section {unknown[0]!r}; choose from {', '.join(sections)}")
     for name in args.what or list(sections):
         print(f"{name}: {', '.join(sections[name])}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from pcdistill import models
+    from pcdistill.engine.checkpoint import export_weights
+    try:
+        model = models.create(args.model, num_classes=args.num_classes, weights=args.src)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    export_weights(model, args.out, {"model": args.model, "model_options": {}, "num_classes": args.num_classes,
+                                     "converted_from": Path(args.src).name})
+    print(f"wrote {args.out} ({args.model}, {args.num_classes} classes, {len(model.state_dict())} tensors)")
     return 0
 
 
@@ -104,15 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run folder or a weights file on the val/test splits")
-    p.add_argument("target", help="run folder (with config.yaml and model.safetensors) or a .safetensors file")
+    p.add_argument("target", help="run folder (with config.yaml and model.safetensors), a weights file (with "
+                                  "--config), or a distillation config whose teacher (teacher.weights) to evaluate")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.root=/path")
     p.add_argument("--config", help="config of the weights (a run folder's config.yaml is used by default)")
     p.add_argument("--split", nargs="+", default=["val", "test"], choices=["val", "test"])
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("list", help="list models, datasets and distillation methods")
-    p.add_argument("what", nargs="*", help="models, datasets, methods, detectors, detection_datasets (default: all)")
+    p.add_argument("what", nargs="*", help="models, datasets, methods, timm, detectors, detection_datasets "
+                                           "(default: all)")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("convert", help="rewrite a weights file (e.g. a CRD/mdistiller checkpoint) as our safetensors")
+    p.add_argument("src", help="safetensors file or torch checkpoint (.pth/.pt/.tar)")
+    p.add_argument("--model", required=True, help="model name, e.g. resnet32x4 (see `pcdistill list models`)")
+    p.add_argument("--num-classes", type=int, required=True, help="number of classes of the weights")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="teacher, then vanilla/KD/DKD/PCD students on the embedded digits data")
     p.add_argument("--out", default="runs/demo", help="folder for the demo runs (default runs/demo)")

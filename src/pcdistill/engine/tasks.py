@@ -17,7 +17,7 @@ from pcdistill.config import Config, ConfigError
 from pcdistill.data.base import stratified_carve
 from pcdistill.distiller import Distiller
 from pcdistill.engine import distributed
-from pcdistill.engine.checkpoint import load_weights, read_metadata, resolve_weights
+from pcdistill.models.weights import load_weights, read_metadata, resolve_weights
 from pcdistill.losses import build_loss
 
 
@@ -50,9 +50,11 @@ def load_teacher(cfg: Config, num_classes: int, build: Callable[[], nn.Module]) 
     if not cfg.teacher.name:
         return None
     if not cfg.teacher.weights:
+        if cfg.teacher.options.get("pretrained") is True:  # a timm teacher with timm's own weights
+            return build()
         raise ConfigError(f"teacher.weights is not set: the {cfg.teacher.name} teacher would be untrained; "
                           f"point it to a model.safetensors from a teacher run (pcdistill train "
-                          f"<teacher config> --out DIR writes DIR/model.safetensors)")
+                          f"<teacher config> --out DIR writes DIR/model.safetensors) or to a torch checkpoint")
     try:
         path = resolve_weights(cfg.teacher.weights)
     except FileNotFoundError as err:
@@ -79,6 +81,11 @@ def classification_task(cfg: Config, ctx: distributed.Context) -> Task:
         keep = stratified_carve(train_split.targets, cfg.data.train_samples / len(train_split), cfg.data.split_seed)[1]
         train_split = train_split.subset(keep)
     student = create_model("model", cfg.model.name, info, cfg.model.options)
+    if cfg.model.weights:
+        try:
+            load_weights(student, cfg.model.weights)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"model.weights: {err}") from None
     teacher = load_teacher(cfg, info.num_classes,
                            lambda: create_model("teacher", cfg.teacher.name, info, cfg.teacher.options))
     loss = build_loss(cfg.distill.method, **cfg.distill.loss)

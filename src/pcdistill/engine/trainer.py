@@ -268,6 +268,7 @@ def evaluate_weights(cfg: Config, weights: str | Path, splits=("val", "test")) -
     """Metrics of the network in ``weights`` (built as ``cfg.model``) on the requested splits."""
     from pcdistill.engine.checkpoint import load_weights
     eval_cfg = from_dict(to_dict(cfg) | {"distill": {}, "teacher": {}})
+    eval_cfg.model.weights = None  # ``weights`` replaces any initial weights
     ctx = distributed.setup(eval_cfg.trainer.device)
     try:
         task = build_task(eval_cfg, ctx)
