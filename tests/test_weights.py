@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from pcdistill.models import create, list_models, load_weights, read_state_dict
+from pcdistill.models import create, list_models, read_state_dict
 from pcdistill.models.weights import read_metadata
 from tests.data_fixtures import cifar_rows, py2_pickle
 from tests.helpers import digits_config, run_cli

@@ -103,6 +103,7 @@ def cmd_convert(args) -> int:
         model = models.create(args.model, num_classes=args.num_classes, weights=args.src)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     export_weights(model, args.out, {"model": args.model, "model_options": {}, "num_classes": args.num_classes,
                                      "converted_from": Path(args.src).name})
     print(f"wrote {args.out} ({args.model}, {args.num_classes} classes, {len(model.state_dict())} tensors)")

@@ -1,4 +1,7 @@
-"""Atomic checkpoints (``torch.save``, read back with ``weights_only=True``) and safetensors export."""
+"""Atomic checkpoints (``torch.save``, read back with ``weights_only=True``) and safetensors export.
+
+Weights files are read by :mod:`pcdistill.models.weights`, the one loader.
+"""
 from __future__ import annotations
 
 import json
@@ -8,9 +11,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
-
-# Weights files are read by the models' one loader; re-exported for the engine's callers.
-from pcdistill.models.weights import load_weights, read_metadata, resolve_weights  # noqa: F401
 
 
 def _replace_atomically(tmp: Path, path: Path) -> None:

@@ -266,7 +266,7 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dic
 
 def evaluate_weights(cfg: Config, weights: str | Path, splits=("val", "test")) -> dict[str, dict[str, float]]:
     """Metrics of the network in ``weights`` (built as ``cfg.model``) on the requested splits."""
-    from pcdistill.engine.checkpoint import load_weights
+    from pcdistill.models.weights import load_weights
     eval_cfg = from_dict(to_dict(cfg) | {"distill": {}, "teacher": {}})
     eval_cfg.model.weights = None  # ``weights`` replaces any initial weights
     ctx = distributed.setup(eval_cfg.trainer.device)
