@@ -476,6 +476,19 @@ def test_strict_errors_name_the_tensors(resnet8, tmp_path):
         create("wrn_16_1", num_classes=10, weights=tmp_path / "ten.pth")
 
 
+def test_crd_file_of_another_depth_is_refused_in_their_names(tmp_path):
+    path = save_crd_checkpoint(randomize(REFERENCE["resnet20"](100), seed=1), tmp_path / "r20.pth")
+    # resnet32 has 2 more blocks per stage: 6 blocks x (2 convs + 2 BNs x 4 tensors, num_batches_tracked aside)
+    with pytest.raises(ValueError, match=r"missing 60 tensors \(layer1\.3\.bn1\.bias, layer1\.3\.bn1\.running_mean"):
+        create("resnet32", num_classes=100, weights=path)
+
+
+def test_old_files_without_num_batches_tracked_load(resnet8, tmp_path):
+    state = {k: v for k, v in resnet8.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"model": state}, tmp_path / "old.pth")
+    assert_same_logits(create("resnet8", num_classes=10, weights=tmp_path / "old.pth"), resnet8, images())
+
+
 def test_files_without_a_state_dict_are_explained(tmp_path):
     torch.save({"epoch": 3, "weights": [1, 2]}, tmp_path / "odd.pth")
     with pytest.raises(ValueError, match=r"holds no state dict: its top-level keys are 'epoch', 'weights'"):

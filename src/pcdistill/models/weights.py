@@ -119,11 +119,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _mismatch(state: dict, own: dict) -> tuple[list[str], list[str], list[str]]:
+def _mismatch(state: dict, own: dict, shown: dict[str, str]) -> tuple[list[str], list[str], list[str]]:
+    """Missing, unexpected and mis-shaped keys, named as the file's layout names them (``shown``: ours -> that)."""
     # Old checkpoints lack num_batches_tracked, which only matters for BN without momentum.
-    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+    missing = sorted(shown.get(k, k) for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(shown.get(k, k) for k in set(state) - set(own))
+    wrong = [f"{shown.get(k, k)}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in state and state[k].shape != own[k].shape]
     return missing, unexpected, wrong
 
@@ -134,11 +135,11 @@ def load_weights(module: nn.Module, path: str | Path) -> dict[str, object]:
     metadata = read_metadata(path)
     state = read_state_dict(path)
     own = module.state_dict()
-    problems = _mismatch(state, own)
+    problems = _mismatch(state, own, {})
     crd = crd_key_map(module)
     if any(problems) and crd is not None:
         renamed = {crd.get(k, k): v for k, v in state.items()}
-        crd_problems = _mismatch(renamed, own)
+        crd_problems = _mismatch(renamed, own, {ours: theirs for theirs, ours in crd.items()})
         if sum(map(len, crd_problems)) < sum(map(len, problems)):  # report against the closer layout
             state, problems = renamed, crd_problems
     missing, unexpected, wrong = problems
