@@ -383,6 +383,20 @@ def test_crd_checkpoint_loads_strictly_and_computes_their_logits(name, tmp_path)
     assert_same_logits(ours, ref, images())
 
 
+def test_legacy_serialization_of_old_pytorch_loads(tmp_path):
+    """The zoo's teachers date from PyTorch 1.x; files of torch < 1.6 are not zip archives."""
+    ref = randomize(REFERENCE["vgg8"](100), seed=2)
+    path = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"epoch": 240, "model": ref.state_dict(), "accuracy": torch.tensor(70.36)}, path,
+               _use_new_zipfile_serialization=False)
+    assert not path.read_bytes().startswith(b"PK")
+    assert_same_logits(create("vgg8", num_classes=100, weights=path), ref, images())
+    torch.save({"model": ref.state_dict(), "opt": argparse.Namespace(lr=0.1)}, path,
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match=r"refusing to load .*argparse\.Namespace"):
+        read_state_dict(path)
+
+
 def test_crd_names_are_their_names():
     """Spot checks of key names the zoo's files are known to hold."""
     keys = {n: set(REFERENCE[n](100).state_dict()) for n in ("resnet32x4", "wrn_40_2", "vgg13", "ResNet50",
