@@ -635,6 +635,16 @@ def test_convert_then_eval_the_standard_teacher(tmp_path):
         assert proc.stdout.splitlines()[0].startswith("test: acc 75.00,"), proc.stdout
     proc = run_cli("convert", str(ckpt), "--model", "wrn_16_1", "--num-classes", "100", "--out", str(out))
     assert proc.returncode == 2 and "does not fit this WideResNet" in proc.stderr
+    config.write_text(yaml.safe_dump({"data": {"name": "cifar100", "root": str(tmp_path / "data")},
+                                      "model": {"name": "resnet8"}}))
+    proc = run_cli("eval", str(config))
+    assert proc.returncode == 2 and "names no teacher with weights" in proc.stderr
+
+
+def test_model_weights_are_for_classification_only():
+    from pcdistill.config import ConfigError, from_dict
+    with pytest.raises(ConfigError, match="model.weights applies to classification"):
+        from_dict(digits_config(task="detection", model={"name": "fasterrcnn_resnet18_fpn", "weights": "w.pth"}))
 
 
 def test_teacher_from_a_foreign_checkpoint_through_a_config(tmp_path):
