@@ -552,6 +552,21 @@ def test_timm_pretrained_is_timms_own_loading(monkeypatch):
                                                 "drop_rate": 0.1})]
 
 
+def test_timm_pretrained_teacher_must_match_the_classes(monkeypatch):
+    timm = pytest.importorskip("timm")
+    from pcdistill.config import ConfigError, from_dict
+    from pcdistill.engine.tasks import load_teacher
+    built = []
+    cfg = from_dict(digits_config(teacher={"name": "timm/resnet50", "options": {"pretrained": True}},
+                                  distill={"method": "kd", "loss": {}}))
+    with pytest.raises(ConfigError, match="pretrained weights are for 1000 classes, the dataset has 10"):
+        load_teacher(cfg, 10, lambda: built.append(1))
+    assert not built  # refused before anything is built or downloaded
+    monkeypatch.setattr(timm, "create_model", lambda arch, **kw: nn.Linear(1, kw["num_classes"]))
+    teacher = load_teacher(cfg, 1000, lambda: create("timm/resnet50", num_classes=1000, pretrained=True))
+    assert teacher.out_features == 1000
+
+
 def test_timm_models_distill_one_step_on_cpu(tmp_path):
     pytest.importorskip("timm")
     from pcdistill.engine.trainer import train

@@ -33,6 +33,12 @@ def list_timm_models(pattern: str = "*") -> list[str]:
     return [PREFIX + name for name in _timm().list_models(pattern)]
 
 
+def pretrained_num_classes(name: str) -> int | None:
+    """The class count of timm's default pretrained weights for ``timm/<arch>`` (no download)."""
+    cfg = _timm().models.get_pretrained_cfg(name[len(PREFIX):])
+    return cfg.num_classes if cfg else None
+
+
 def create_timm(name: str, num_classes: int, in_channels: int | None = None, pretrained: bool = False,
                 **options) -> nn.Module:
     """``timm.create_model`` for ``timm/<arch>``; ``pretrained=True`` downloads timm's weights."""
