@@ -74,14 +74,44 @@ def test_every_shipped_config_is_valid(path):
         assert cfg.teacher.name and cfg.teacher.weights
 
 
+# The 14 CIFAR-100 pairs of the authors' repository; cross-architecture ones also ship K=5.
+SAME_FAMILY_PAIRS = {"resnet56_resnet20", "resnet110_resnet32", "resnet110_resnet20", "resnet32x4_resnet8x4",
+                     "wrn_40_2_wrn_16_2", "wrn_40_2_wrn_40_1", "vgg13_vgg8"}
+CROSS_PAIRS = {"resnet32x4_ShuffleV2", "vgg13_MobileNetV2", "ResNet50_MobileNetV2", "resnet32x4_wrn_16_2",
+               "resnet32x4_wrn_40_2", "wrn_40_2_MobileNetV2", "wrn_40_2_resnet8x4"}
+
+
 def test_shipped_configs_cover_the_papers_pairs():
     pairs = {p.parent.name for p in (REPO / "configs" / "cifar100").rglob("teacher.yaml")}
-    assert pairs == {"resnet56_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4", "wrn_40_2_wrn_16_2",
-                     "wrn_40_2_wrn_40_1", "vgg13_vgg8", "resnet32x4_ShuffleV2", "vgg13_MobileNetV2",
-                     "ResNet50_MobileNetV2"}
+    assert pairs == SAME_FAMILY_PAIRS | CROSS_PAIRS
     for pair in pairs:
         names = {p.stem for p in (REPO / "configs" / "cifar100" / pair).glob("*.yaml")}
-        assert names == {"teacher", "vanilla", "kd", "dkd", "pcd"}
+        assert names == {"teacher", "vanilla", "kd", "dkd", "pcd"} | ({"pcd_k5"} if pair in CROSS_PAIRS else set())
+
+
+@pytest.mark.parametrize("pair", sorted(SAME_FAMILY_PAIRS | CROSS_PAIRS))
+def test_cifar_configs_share_the_fixed_recipe(pair):
+    """The paper's fixed hyper-parameters, all 50,000 training images, names matching the folder."""
+    folder = REPO / "configs" / "cifar100" / pair
+    configs = {p.stem: load_config(p) for p in folder.glob("*.yaml")}
+    teacher, student = configs["teacher"].model.name, configs["pcd"].model.name
+    assert pair == f"{teacher}_{student}"
+    lr = 0.01 if student in ("MobileNetV2", "ShuffleV2") else 0.05
+    for name, cfg in configs.items():
+        assert cfg.data.name == "cifar100" and cfg.data.val_fraction == 0, name
+        assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.optim.momentum, cfg.optim.weight_decay) == \
+            (240, 64, 0.9, 5e-4)
+        assert cfg.schedule.milestones == [150, 180, 210] and cfg.schedule.gamma == 0.1
+        assert cfg.optim.lr == (0.05 if name == "teacher" else lr), name
+        if name != "teacher" and name != "vanilla":
+            assert cfg.model.name == student and cfg.teacher.name == teacher, name
+            assert cfg.teacher.weights == f"runs/cifar100/{teacher}/model.safetensors"
+    assert configs["pcd"].distill.loss == {"temperature": 4.0, "stages": 3}
+    if "pcd_k5" in configs:
+        k5 = to_dict(configs["pcd_k5"])
+        assert k5["distill"]["loss"] == {"temperature": 4.0, "stages": 5}
+        k5["distill"]["loss"]["stages"] = 3
+        assert k5 | {"description": ""} == to_dict(configs["pcd"]) | {"description": ""}  # only K differs
 
 
 def test_cifar_pcd_config_follows_the_papers_recipe():

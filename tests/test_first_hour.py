@@ -17,7 +17,7 @@ from pcdistill import load_model, models
 from pcdistill.cli import main
 from pcdistill.config import ConfigError, from_dict, load_config, parse_yaml
 from pcdistill.distiller import Distiller
-from pcdistill.engine.checkpoint import load_weights
+from pcdistill.models.weights import load_weights
 from pcdistill.engine.records import read_metrics
 from pcdistill.engine.trainer import NonFiniteLossError, train
 from pcdistill.losses import KDLoss

@@ -1,10 +1,12 @@
-"""Command line: ``pcdistill train | eval | list | demo | bench``.
+"""Command line: ``pcdistill train | eval | list | convert | demo | bench``.
 
     pcdistill train configs/fashion_mnist/teacher.yaml --out runs/t
     pcdistill train configs/fashion_mnist/pcd.yaml teacher.weights=runs/t/model.safetensors --out runs/pcd
     pcdistill train --resume runs/pcd                      # continue a killed run
     pcdistill train --resume runs/pcd trainer.epochs=20    # extend a finished one
     pcdistill eval runs/pcd
+    pcdistill eval configs/cifar100/resnet32x4_resnet8x4/pcd.yaml teacher.weights=ckpt_epoch_240.pth   # the teacher
+    pcdistill convert ckpt_epoch_240.pth --model resnet32x4 --num-classes 100 --out resnet32x4.safetensors
     torchrun --nproc_per_node 2 -m pcdistill train configs/digits/pcd.yaml --out runs/ddp
     pcdistill bench accuracy --out results        # the evidence suite (resumable); --quick for a smoke run
 
@@ -67,23 +69,30 @@ def _is_main() -> bool:
 
 
 def cmd_eval(args) -> int:
-    from pcdistill.config import load_config
+    from pcdistill.config import ModelConfig, load_config
     from pcdistill.engine.trainer import evaluate_weights
     paths, overrides = split_words(args.words)
     if len(paths) != 1:
-        raise ConfigError(f"pcdistill eval takes one run folder or weights file; got "
+        raise ConfigError(f"pcdistill eval takes one run folder, weights file or distillation config; got "
                           f"{', '.join(map(repr, paths)) or 'none'}")
     target = Path(paths[0])
     if not target.exists():
         raise ConfigError(f"{str(target)!r} does not exist; pass a run folder of `pcdistill train` (holding "
-                          f"config.yaml and model.safetensors) or a .safetensors file")
-    folder = target if target.is_dir() else target.parent
-    weights = target / "model.safetensors" if target.is_dir() else target
-    config = args.config or folder / "config.yaml"
-    if not Path(config).is_file():
-        raise ConfigError(f"{str(folder)!r} has no config.yaml; pass --config, the config {str(weights)!r} "
-                          f"was trained with")
-    cfg = load_config(config, overrides)
+                          f"config.yaml and model.safetensors), a .safetensors file, or a distillation config")
+    if target.suffix in (".yaml", ".yml"):  # a distillation config: evaluate its teacher
+        cfg = load_config(target, overrides)
+        if not cfg.teacher.name or not cfg.teacher.weights:
+            raise ConfigError(f"{str(target)!r} names no teacher with weights; set teacher.name and teacher.weights")
+        cfg.model = ModelConfig(name=cfg.teacher.name, options=cfg.teacher.options)
+        weights = cfg.teacher.weights
+    else:
+        folder = target if target.is_dir() else target.parent
+        weights = target / "model.safetensors" if target.is_dir() else target
+        config = args.config or folder / "config.yaml"
+        if not Path(config).is_file():
+            raise ConfigError(f"{str(folder)!r} has no config.yaml; pass --config, the config {str(weights)!r} "
+                              f"was trained with")
+        cfg = load_config(config, overrides)
     results = evaluate_weights(cfg, weights, splits=args.split or ["val", "test"])
     for split, metrics in results.items():
         print(f"{split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
@@ -93,6 +102,10 @@ def cmd_eval(args) -> int:
 def cmd_list(args) -> int:
     from pcdistill import data, losses, models
     sections = {"models": models.list_models(), "datasets": data.list_datasets(), "methods": losses.list_methods()}
+    try:
+        sections["timm"] = models.list_timm_models()
+    except ValueError:  # the optional timm extra is not installed
+        pass
     try:
         from pcdistill import detection
         sections["detectors"] = detection.list_detectors()
@@ -105,6 +118,20 @@ def cmd_list(args) -> int:
                           f"choose from {', '.join(sections)}")
     for name in args.words or list(sections):
         print(f"{name}: {', '.join(sections[name])}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from pcdistill import models
+    from pcdistill.engine.checkpoint import export_weights
+    try:
+        model = models.create(args.model, num_classes=args.num_classes, weights=args.src)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    export_weights(model, args.out, {"model": args.model, "model_options": {}, "num_classes": args.num_classes,
+                                     "converted_from": Path(args.src).name})
+    print(f"wrote {args.out} ({args.model}, {args.num_classes} classes, {len(model.state_dict())} tensors)")
     return 0
 
 
@@ -131,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a run folder or a weights file on the val/test splits")
     p.add_argument("words", nargs="*", metavar="TARGET | key=value",
-                   help="a run folder (config.yaml + model.safetensors) or a .safetensors file (its folder's "
-                   "config.yaml is used), and dotted overrides, e.g. data.root=/path")
+                   help="a run folder (config.yaml + model.safetensors), a .safetensors file (its folder's "
+                   "config.yaml is used) or a distillation config whose teacher (teacher.weights) to evaluate, "
+                   "and dotted overrides, e.g. data.root=/path")
     p.add_argument("--config", help="config of the weights (default: config.yaml in the run folder)")
     p.add_argument("--split", action="append", choices=["val", "test"],
                    help="split to evaluate; repeat for both (default: val and test)")
@@ -140,8 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list models, datasets and distillation methods")
     p.add_argument("words", nargs="*", metavar="SECTION",
-                   help="models, datasets, methods, detectors, detection_datasets (default: all)")
+                   help="models, datasets, methods, timm, detectors, detection_datasets (default: all)")
     p.set_defaults(func=cmd_list, parser=p)
+
+    p = sub.add_parser("convert", help="rewrite a weights file (e.g. a CRD/mdistiller checkpoint) as our safetensors")
+    p.add_argument("src", help="safetensors file or torch checkpoint (.pth/.pt/.tar)")
+    p.add_argument("--model", required=True, help="model name, e.g. resnet32x4 (see `pcdistill list models`)")
+    p.add_argument("--num-classes", type=int, required=True, help="number of classes of the weights")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="teacher, then vanilla/KD/DKD/PCD students on the embedded digits data")
     p.add_argument("--out", default="runs/demo", help="folder for the demo runs (default runs/demo)")

@@ -12,8 +12,10 @@ types are errors that name the key and suggest the closest valid one. Sections:
 data      name, root, val_fraction, split_seed (carves val from train; fixed across training seeds),
           train_samples (a stratified subset of the training split, by split_seed), augment,
           options (dataset-specific, e.g. ``pairs_seed``)
-model     name, options (model factory keyword arguments)
-teacher   name, weights (a ``model.safetensors`` file or a run folder), options
+model     name (``pcdistill list models``, or ``timm/<name>`` for any timm model), options (model factory
+          keyword arguments; ``pretrained: true`` for timm's own weights), weights (initial weights)
+teacher   name, weights (a ``model.safetensors`` file, a run folder, or a torch checkpoint such as the
+          CRD/mdistiller ``ckpt_epoch_240.pth``), options
 distill   method (vanilla | kd | dkd | dist | pcd), ce_weight, alpha, warmup_epochs,
           loss (that method's arguments, e.g. temperature, stages), box_reg_weight (detection only)
 optim     name (sgd | adamw), lr, momentum, weight_decay, nesterov, clip_grad_norm
@@ -98,6 +100,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "cnn_tiny"
+    weights: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -456,6 +459,8 @@ def validate(cfg: Config) -> None:
     if cfg.task == "classification" and d.box_reg_weight:
         raise ConfigError("distill.box_reg_weight applies to detection only; set it to 0 or task: detection")
     if cfg.task == "detection":
+        if cfg.model.weights:
+            raise ConfigError("model.weights applies to classification; for detection leave it unset")
         if d.ce_weight != 1.0:
             raise ConfigError("distill.ce_weight must be 1 for detection: the detector's own losses "
                               "(classifier, box, RPN) are used unweighted")

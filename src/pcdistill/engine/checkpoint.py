@@ -1,4 +1,7 @@
-"""Atomic checkpoints (``torch.save``, read back with ``weights_only=True``) and safetensors export."""
+"""Atomic checkpoints (``torch.save``, read back with ``weights_only=True``) and safetensors export.
+
+Weights files are read by :mod:`pcdistill.models.weights`, the one loader.
+"""
 from __future__ import annotations
 
 import json
@@ -6,8 +9,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 
@@ -55,60 +57,6 @@ def _umask() -> int:
     return mask
 
 
-def read_metadata(path: str | Path) -> dict[str, object]:
-    """The JSON metadata of a safetensors file; ValueError naming the file when it is not one."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-        return {k: json.loads(v) for k, v in raw.items()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(_unreadable(path, err)) from None
-
-
-def _unreadable(path: str | Path, err: Exception) -> str:
-    hint = (" (a .pt file is a training checkpoint; a run's trained weights are its model.safetensors, "
-            "or pass the run folder)" if Path(path).suffix == ".pt" else "")
-    return (f"cannot read weights file {str(path)!r}: {err}; expected a safetensors file written by "
-            f"`pcdistill train`{hint}")
-
-
-def resolve_weights(path: str | Path) -> Path:
-    """A weights file from a path that is either the file or a run folder holding ``model.safetensors``."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist; expected a model.safetensors written "
-                                f"by `pcdistill train` (in its --out folder) or that folder itself")
-    return path
-
-
-def load_weights(module: nn.Module, path: str | Path) -> dict[str, object]:
-    """Load safetensors weights into ``module`` (strict) and return the file's metadata."""
-    path = resolve_weights(path)
-    try:
-        state = load_file(str(path))
-        metadata = read_metadata(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(_unreadable(path, err)) from None
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        detail = "; ".join(filter(None, [
-            f"missing {len(missing)} tensors (e.g. {missing[0]})" if missing else "",
-            f"unexpected {len(unexpected)} tensors (e.g. {unexpected[0]})" if unexpected else "",
-            f"shape mismatches: {', '.join(wrong[:3])}" if wrong else ""]))
-        made_for = f" (the file was written for model {metadata.get('model')!r} with " \
-                   f"{metadata.get('num_classes')} classes)" if metadata else ""
-        raise ValueError(f"weights file {str(path)!r} does not fit this model{made_for}: {detail}")
-    module.load_state_dict(state)
-    return metadata
-
-
 def load_model(path: str | Path) -> nn.Module:
     """The network a ``pcdistill train`` run trained, rebuilt from its weights file and loaded, in eval mode.
 
@@ -116,7 +64,11 @@ def load_model(path: str | Path) -> nn.Module:
     from the file's metadata, so no config is needed. Use it as the teacher of your own loop.
     """
     from pcdistill import models
+    from pcdistill.models.weights import is_safetensors, load_weights, read_metadata, resolve_weights
     path = resolve_weights(path)
+    if not is_safetensors(path):
+        raise ValueError(f"{str(path)!r} is not a safetensors file written by `pcdistill train` (a .pt file is a "
+                         f"training checkpoint); pass the run folder or its model.safetensors")
     meta = read_metadata(path)
     if "model" not in meta or "num_classes" not in meta:
         raise ValueError(f"weights file {str(path)!r} has no model metadata (model, num_classes); it was not "

@@ -17,7 +17,8 @@ from pcdistill.config import Config, ConfigError
 from pcdistill.data.base import stratified_carve
 from pcdistill.distiller import Distiller
 from pcdistill.engine import distributed
-from pcdistill.engine.checkpoint import load_weights, read_metadata, resolve_weights
+from pcdistill.models.timm_models import is_timm_name, pretrained_num_classes
+from pcdistill.models.weights import load_weights, read_metadata, resolve_weights
 from pcdistill.losses import build_loss
 
 
@@ -54,9 +55,20 @@ def load_teacher(cfg: Config, num_classes: int, build: Callable[[], nn.Module]) 
     if not cfg.teacher.name:
         return None
     if not cfg.teacher.weights:
+        if cfg.teacher.options.get("pretrained") is True:  # a timm teacher with timm's own weights
+            try:
+                trained_for = pretrained_num_classes(cfg.teacher.name) if is_timm_name(cfg.teacher.name) else None
+            except ValueError as err:  # timm is not installed
+                raise ConfigError(f"teacher: {err}") from None
+            if trained_for not in (None, num_classes):
+                raise ConfigError(f"teacher {cfg.teacher.name}: timm's pretrained weights are for {trained_for} "
+                                  f"classes, the dataset has {num_classes}, so its head would be untrained; "
+                                  f"fine-tune it first (model.name: {cfg.teacher.name}, options: {{pretrained: "
+                                  f"true}}) and set teacher.weights to that run")
+            return build()
         raise ConfigError(f"teacher.weights is not set: the {cfg.teacher.name} teacher would be untrained; "
                           f"point it to a model.safetensors from a teacher run (pcdistill train "
-                          f"<teacher config> --out DIR writes DIR/model.safetensors)")
+                          f"<teacher config> --out DIR writes DIR/model.safetensors) or to a torch checkpoint")
     try:
         path = resolve_weights(cfg.teacher.weights)
     except FileNotFoundError as err:
@@ -99,6 +111,11 @@ def classification_task(cfg: Config, ctx: distributed.Context) -> Task:
         train_split = train_split.subset(keep)
     check_loss_fits(cfg, info.num_classes)
     student = create_model("model", cfg.model.name, info, cfg.model.options)
+    if cfg.model.weights:
+        try:
+            load_weights(student, cfg.model.weights)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"model.weights: {err}") from None
     teacher = load_teacher(cfg, info.num_classes,
                            lambda: create_model("teacher", cfg.teacher.name, info, cfg.teacher.options))
     loss = build_loss(cfg.distill.method, **cfg.distill.loss)

@@ -312,8 +312,9 @@ def _non_finite_message(cfg: Config, out_dir: Path, losses: dict, epoch: int, ba
 
 def evaluate_weights(cfg: Config, weights: str | Path, splits=("val", "test")) -> dict[str, dict[str, float]]:
     """Metrics of the network in ``weights`` (built as ``cfg.model``) on the requested splits."""
-    from pcdistill.engine.checkpoint import load_weights
+    from pcdistill.models.weights import load_weights
     eval_cfg = from_dict(to_dict(cfg) | {"distill": {}, "teacher": {}})
+    eval_cfg.model.weights = None  # ``weights`` replaces any initial weights
     ctx = distributed.setup(eval_cfg.trainer.device)
     try:
         task = build_task(eval_cfg, ctx)

@@ -22,7 +22,7 @@ import torch
 from pcdistill import data as data_lib
 from pcdistill import models
 from pcdistill.config import load_config
-from pcdistill.engine.checkpoint import load_weights
+from pcdistill.models.weights import load_weights
 
 BUCKETS = ((1, 1), (2, 5), (6, 20), (21, None))
 

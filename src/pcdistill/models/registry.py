@@ -4,10 +4,12 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import numbers
+from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
+from pcdistill.models.timm_models import create_timm, is_timm_name
 from pcdistill.registry import Registry, closest
 
 ModelFactory = Callable[..., nn.Module]
@@ -39,14 +41,28 @@ def list_models(pattern: str | None = None) -> list[str]:
     return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
-def create(name: str, num_classes: int, in_channels: int | None = None, **kwargs) -> nn.Module:
-    """Build model `name` with `num_classes` logits; `in_channels=None` keeps its natural default."""
-    factory = MODELS.get(name)
+def create(name: str, num_classes: int, in_channels: int | None = None, weights: str | Path | None = None,
+           **kwargs) -> nn.Module:
+    """Build model `name` with `num_classes` logits; `in_channels=None` keeps its natural default.
+
+    `name` is a registered model or `timm/<any timm model>`; `weights` is a file for
+    :func:`pcdistill.models.weights.load_weights` (safetensors or a torch checkpoint), loaded strictly.
+    """
     num_classes = _check_int("num_classes", num_classes, minimum=2)
-    _check_options(name, factory, kwargs)
     if in_channels is not None:
-        kwargs["in_channels"] = _check_int("in_channels", in_channels, minimum=1)
-    return factory(num_classes=num_classes, **kwargs)
+        in_channels = _check_int("in_channels", in_channels, minimum=1)
+    if is_timm_name(name):
+        model = create_timm(name, num_classes, in_channels, **kwargs)
+    else:
+        factory = MODELS.get(name)
+        _check_options(name, factory, kwargs)
+        if in_channels is not None:
+            kwargs["in_channels"] = in_channels
+        model = factory(num_classes=num_classes, **kwargs)
+    if weights is not None:
+        from pcdistill.models.weights import load_weights  # it imports the CIFAR zoo, which imports us
+        load_weights(model, weights)
+    return model
 
 
 def _check_int(arg: str, value, minimum: int) -> int:

@@ -50,6 +50,7 @@ class MobileNetV2(nn.Module):
         in_ch = int(32 * width)
         layers = _conv_bn_relu(in_channels, in_ch, 3, stride=2)
         stages = [(1, 16, 1, 1)] + [(expansion, *stage) for stage in _STAGES]
+        self.stage_sizes = tuple(blocks for _, _, blocks, _ in stages)  # for other zoos' key names
         for t, channels, blocks, stride in stages:
             out_ch = int(channels * width)
             for i in range(blocks):

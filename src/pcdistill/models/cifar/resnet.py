@@ -45,6 +45,7 @@ class CifarResNet(nn.Module):
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
         blocks_per_stage = (depth - 2) // 6
+        self.stage_sizes = (blocks_per_stage,) * 3  # blocks per stage, for other zoos' key names
         self.stem = nn.Sequential(_conv_bn(in_channels, widths[0], 3), nn.ReLU(inplace=True))
         stages, in_ch = [], widths[0]
         for out_ch, stride in zip(widths[1:], (1, 2, 2)):

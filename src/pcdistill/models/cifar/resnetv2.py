@@ -61,6 +61,7 @@ class ResNet(nn.Module):
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], blocks: tuple[int, int, int, int],
                  num_classes: int, in_channels: int = 3):
         super().__init__()
+        self.stage_sizes = tuple(blocks)  # blocks per stage, for other zoos' key names
         self.stem = nn.Sequential(_conv_bn(in_channels, 64, 3), nn.ReLU(inplace=True))
         layers, in_ch = [], 64
         for planes, count, stride in zip((64, 128, 256, 512), blocks, (1, 2, 2, 2)):

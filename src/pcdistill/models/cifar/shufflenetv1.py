@@ -48,6 +48,7 @@ class ShuffleNetV1(nn.Module):
     def __init__(self, widths: tuple[int, int, int], units: tuple[int, int, int], groups: int,
                  num_classes: int, in_channels: int = 3):
         super().__init__()
+        self.stage_sizes = tuple(units)  # units per stage, for other zoos' key names
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(inplace=True))
         layers, in_ch = [], 24
         for out_ch, count in zip(widths, units):

@@ -60,6 +60,7 @@ class ShuffleNetV2(nn.Module):
     def __init__(self, widths: tuple[int, int, int], units: tuple[int, int, int], last: int,
                  num_classes: int, in_channels: int = 3):
         super().__init__()
+        self.stage_sizes = tuple(1 + n for n in units)  # units per stage (downsampling one included)
         layers = [_conv_bn(in_channels, 24, 1), nn.ReLU(inplace=True)]
         in_ch = 24
         for out_ch, count in zip(widths, units):

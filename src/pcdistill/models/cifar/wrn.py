@@ -38,6 +38,7 @@ class WideResNet(nn.Module):
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
         blocks_per_stage = (depth - 4) // 6
+        self.stage_sizes = (blocks_per_stage,) * 3  # blocks per stage, for other zoos' key names
         self.stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         stages, in_ch = [], 16
         for out_ch, stride in zip((16 * widen, 32 * widen, 64 * widen), (1, 2, 2)):
