@@ -760,3 +760,56 @@ def test_chunking_changes_nothing_at_any_budget():
             got, g_got = value_and_grad(pcd_loss, s, t, stages=4)
         torch.testing.assert_close(got, base, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g_got, g_base, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("call", [
+    lambda s, t: pcd_loss(s, t, adaptive="no"), lambda s, t: pcd_loss(s, t, standardize=None),
+    lambda s, t: kd_loss(s, t, standardize=1), lambda s, t: dkd_loss(s, t, torch.arange(4), standardize="yes"),
+    lambda s, t: PCDLoss(adaptive="no"), lambda s, t: KDLoss(standardize=0),
+])
+def test_booleans_must_be_bools(call):
+    s, t = pair((4, 6), seed=0)
+    with pytest.raises(TypeError, match="must be True or False"):
+        call(s, t)
+
+
+@pytest.mark.parametrize("cls,typo,word", [(PCDLoss, "tempreature", "temperature"), (KDLoss, "temprature", "temperature"),
+                                           (DKDLoss, "betta", "beta"), (DISTLoss, "gama", "gamma")])
+def test_module_arguments_suggest_the_closest(cls, typo, word):
+    with pytest.raises(TypeError, match=f"did you mean '{word}'"):
+        cls(**{typo: 1.0})
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_dist_invalid_rows_enter_neither_term(reduction):
+    s, t = pair((7, 9), seed=12)
+    valid = torch.tensor([True, False, True, True, False, True, True])
+    s[~valid] = math.nan  # padding may hold anything
+    got, g_got = value_and_grad(dist_loss, s, t, valid=valid, reduction=reduction)
+    want, g_want = value_and_grad(dist_loss, s[valid], t[valid], reduction=reduction)
+    if reduction == "none":
+        torch.testing.assert_close(got[valid], want, rtol=1e-12, atol=1e-12)
+        assert (got[~valid] == 0).all()
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got[valid], g_want, rtol=1e-10, atol=1e-12)
+    assert (g_got[~valid] == 0).all()
+
+
+def test_dist_reductions_follow_the_formula():
+    """mean = beta T^2 (1 - mean_rows rho) + gamma T^2 (1 - mean_classes rho); none has that mean; sum = N x mean."""
+    s, t = pair((6, 8), seed=13)
+    p_s, p_t = torch.softmax(s / 2, -1), torch.softmax(t / 2, -1)
+
+    def pearson(a, b):
+        a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+        return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-8)
+
+    inter, intra = 1 - pearson(p_s, p_t), 1 - pearson(p_s.T, p_t.T).mean()
+    want_rows = (0.5 * inter + 2.0 * intra) * 4
+    kw = dict(beta=0.5, gamma=2.0, temperature=2.0)
+    torch.testing.assert_close(dist_loss(s, t, reduction="none", **kw), want_rows, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dist_loss(s, t, **kw), want_rows.mean(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dist_loss(s, t, reduction="sum", **kw), want_rows.sum(), rtol=1e-12, atol=1e-12)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: dist_loss(x, t, reduction="none", **kw), (s,))

@@ -5,6 +5,8 @@ a token). Half-precision inputs are computed in float32; float64 stays float64.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
 from numbers import Real
@@ -81,6 +83,28 @@ def check_logits(student: torch.Tensor, teacher: torch.Tensor) -> int:
     if num_classes < 2:
         raise ValueError(f"logits need at least 2 classes in their last dimension; got C={num_classes}")
     return num_classes
+
+
+class LossModule(torch.nn.Module):
+    """Base of the loss modules: unknown constructor arguments are named with the closest valid one."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+        allowed = [p for p in inspect.signature(init).parameters if p != "self"]
+
+        @functools.wraps(init)
+        def checked(self, *args, **kw):
+            for key in kw:
+                if key not in allowed:
+                    raise TypeError(f"{cls.__name__} has no argument {key!r}{closest(key, allowed)}; "
+                                    f"it accepts: {', '.join(allowed)}")
+            init(self, *args, **kw)
+
+        cls.__init__ = checked
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
 
 def check_bool(name: str, value) -> bool:

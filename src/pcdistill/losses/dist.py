@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ._common import (REDUCTIONS, check_choice, check_class_mask, check_logits, check_positive_finite, check_real,
-                      check_valid, compute_dtype, flat_rows, log_softmax_rows, prepare_rows, reduce_rows)
+from ._common import (REDUCTIONS, LossModule, check_choice, check_class_mask, check_logits, check_positive_finite,
+                      check_real, check_valid, compute_dtype, flat_rows, log_softmax_rows, prepare_rows, reduce_rows)
 from ._rows import chunk_rows
 
 PEARSON_EPS = 1e-8
@@ -138,7 +137,7 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, bet
     return reduce_rows(row, mask, reduction, leading)
 
 
-class DISTLoss(nn.Module):
+class DISTLoss(LossModule):
     """Module form of :func:`dist_loss`; constructor takes its keyword arguments."""
 
     def __init__(self, *, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0, reduction: str = "mean"):
@@ -151,6 +150,3 @@ class DISTLoss(nn.Module):
 
     def forward(self, student_logits, teacher_logits, *, valid=None, class_mask=None):
         return dist_loss(student_logits, teacher_logits, valid=valid, class_mask=class_mask, **self.kwargs)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ._common import (REDUCTIONS, check_bool, check_choice, check_class_mask, check_logits, check_positive_finite,
-                      check_real, check_valid, compute_dtype, device_checks_enabled, flat_rows, log_softmax_rows,
-                      reduce_rows, xlogy_diff)
+from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_class_mask, check_logits,
+                      check_positive_finite, check_real, check_valid, compute_dtype, device_checks_enabled, flat_rows,
+                      log_softmax_rows, reduce_rows, xlogy_diff)
 from ._rows import row_losses
 
 
@@ -94,7 +93,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     return reduce_rows(row, mask, reduction, leading)
 
 
-class DKDLoss(nn.Module):
+class DKDLoss(LossModule):
     """Module form of :func:`dkd_loss`; constructor takes its keyword arguments."""
 
     needs_target = True
@@ -112,6 +111,3 @@ class DKDLoss(nn.Module):
 
     def forward(self, student_logits, teacher_logits, target, *, valid=None, class_mask=None):
         return dkd_loss(student_logits, teacher_logits, target, valid=valid, class_mask=class_mask, **self.kwargs)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ._common import (REDUCTIONS, check_bool, check_choice, check_class_mask, check_logits, check_positive_finite,
-                      check_valid, compute_dtype, flat_rows, log_softmax_rows, reduce_rows, xlogy_diff)
+from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_class_mask, check_logits,
+                      check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows, reduce_rows,
+                      xlogy_diff)
 from ._rows import row_losses
 
 
@@ -55,7 +55,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     return reduce_rows(row, mask, reduction, leading)
 
 
-class KDLoss(nn.Module):
+class KDLoss(LossModule):
     """Module form of :func:`kd_loss`; constructor takes its keyword arguments."""
 
     def __init__(self, *, temperature: float = 4.0, standardize: bool = False, reduction: str = "mean"):
@@ -67,6 +67,3 @@ class KDLoss(nn.Module):
 
     def forward(self, student_logits, teacher_logits, *, valid=None, class_mask=None):
         return kd_loss(student_logits, teacher_logits, valid=valid, class_mask=class_mask, **self.kwargs)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

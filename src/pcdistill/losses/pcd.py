@@ -9,11 +9,10 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
 
-from ._common import (REDUCTIONS, check_bool, check_choice, check_class_mask, check_logits, check_positive_finite,
-                      check_valid, compute_dtype, flat_rows, log_softmax_rows, masked_standardize, prepare_rows,
-                      reduce_rows, xlogy_diff)
+from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_class_mask, check_logits,
+                      check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows,
+                      masked_standardize, prepare_rows, reduce_rows, xlogy_diff)
 from ._pcd_rows import COS_EPS, WORK_ARRAYS, pcd_rows
 from ._rows import chunk_rows, row_losses, standardize_backward
 
@@ -187,7 +186,7 @@ def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temp
     return reduce_rows(row, mask, reduction, leading)
 
 
-class PCDLoss(nn.Module):
+class PCDLoss(LossModule):
     """Module form of :func:`pcd_loss`; the constructor takes its keyword arguments.
 
     ``forward(student_logits, teacher_logits, *, progress=None, valid=None)``: ``progress`` (fraction of
@@ -211,6 +210,3 @@ class PCDLoss(nn.Module):
     def forward(self, student_logits, teacher_logits, *, progress=None, valid=None, class_mask=None):
         return pcd_loss(student_logits, teacher_logits, progress=progress, valid=valid, class_mask=class_mask,
                         **self.kwargs)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
