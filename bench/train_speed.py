@@ -84,16 +84,24 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def step_times(device, batch: int, rounds: int) -> dict[str, float]:
+def step_times(device, batch: int, rounds: int, amp: bool = False, compiled: bool = False) -> dict[str, float]:
     nets = distillers(device)
     optim = {k: torch.optim.SGD(d.student.parameters(), lr=0.01, momentum=0.9) for k, d in nets.items()}
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
 
+    def loss_of(net):
+        def total(images, targets):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                _, losses = net(images, targets, epoch=1.0)
+            return sum(losses.values())
+        return torch.compile(total, fullgraph=True) if compiled else total
+
+    losses_of = {name: loss_of(net) for name, net in nets.items()}
+
     def step(name):
-        _, losses = nets[name](x, y, epoch=1.0)
         optim[name].zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
+        losses_of[name](x, y).backward()
         optim[name].step()
 
     for name in nets:
@@ -130,19 +138,30 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes and the loss")
+    parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) of each step's loss")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the data-pipeline comparison")
     args = parser.parse_args(argv)
     rounds = 3 if args.quick else 7
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
+    if args.device in ("cuda", "all") and torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    elif args.device == "cuda":
+        parser.error("CUDA is not available on this machine")
     print(f"# train_speed: {datetime.date.today()}, torch {torch.__version__}, "
-          f"torch threads {torch.get_num_threads()}, resnet32x4 -> resnet8x4, batch {args.batch}, 32x32")
+          f"torch threads {torch.get_num_threads()}, resnet32x4 -> resnet8x4, batch {args.batch}, 32x32, "
+          f"amp {args.amp}, compile {args.compile}")
     for device in devices:
-        rates = step_times(device, args.batch, rounds)
+        rates = step_times(device, args.batch, rounds, args.amp, args.compile)
         print(f"\n## {device.type}: training step (teacher forward + student forward/backward + SGD)\n")
         print("| method | images/s | x vanilla |\n|---|---:|---:|")
         for name, rate in rates.items():
             print(f"| {name} | {rate:.1f} | {rate / rates['vanilla']:.3f} |")
         ratio = rates["KD"] / rates["PCD"]
         print(f"\nPCD / KD step time: {ratio:.3f} (target <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'})")
+    if args.no_pipeline:
+        return 0
 
     images, labels = synthetic_cifar(4096)
     cpu = torch.device("cpu")
