@@ -59,49 +59,31 @@ def _scatter(values: torch.Tensor, group: torch.Tensor, groups: int) -> torch.Te
     return values.new_zeros(values.shape[:-1] + (groups,)).scatter_add(-1, group, values)
 
 
-def pcd_rows(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: float, temperature: float,
-             adaptive: bool, rank_by: str, want_grad: bool):
-    """Per-row PCD loss ``factor * sum_stages sum_G w_G KL_G`` and its gradient w.r.t. ``s``."""
-    rows, num_classes = s.shape
-    s_inf, t_inf = torch.isneginf(s), torch.isneginf(t)
-    live = ~(s_inf & t_inf)
-    t_ok = live & ~t_inf
-    n = live.sum(-1)
-    inf_row = (live & s_inf & ~t_inf).any(-1)  # the student rules out a class the teacher keeps: loss +inf
-    nan_row = (torch.isnan(s) | torch.isposinf(s) | torch.isnan(t) | torch.isposinf(t)).any(-1)
+def atom_cuts(n: torch.Tensor, stage_groups: list[int]) -> torch.Tensor:
+    """``(rows, atoms)``: all stages' interior boundaries sorted, then ``n``; atom k spans ``[cuts[k-1], cuts[k])``."""
+    return torch.cat([stage_bounds(n, g) for g in stage_groups] + [n.unsqueeze(-1)], -1).sort(-1).values
 
-    # 1-2. rank positions, boundaries of every stage, atoms
-    order = torch.sort(priority_key(s, t, live, rank_by), dim=-1, descending=True, stable=True).indices
-    pos = torch.empty_like(order).scatter_(1, order, torch.arange(num_classes, device=s.device).expand_as(order))
-    bounds = [stage_bounds(n, g) for g in stage_groups]
-    cuts = torch.cat(bounds + [n.unsqueeze(-1)], -1).sort(-1).values  # interior boundaries, then n
-    atoms = cuts.shape[-1]  # atom k spans positions [cuts[k-1], cuts[k]); the last column is n
-    atom = torch.where(live, torch.searchsorted(cuts[:, :-1].contiguous(), pos, right=True), atoms)
+
+def combine_atoms(m_s: torch.Tensor, m_t: torch.Tensor, sums: torch.Tensor, cuts: torch.Tensor, n: torch.Tensor,
+                  stage_groups: list[int], temperature: float, adaptive: bool, want_grad: bool):
+    """Every stage's ``sum_G w_G KL_G`` from per-atom maxima ``(rows, atoms)`` and the seven shifted sums
+    ``(rows, 7, atoms)`` (e_s, u, u^2, e_t, e_t (b - a), e_t u, e_t^2), in float64.
+
+    ``cuts`` may hold any atoms that refine every stage's groups. Returns the loss ``(rows,)`` (float64,
+    before ``factor``) and the gradient coefficients ``(4, rows, atoms + 1)`` on e_s, e_t, u and a constant,
+    in ``m_s``'s dtype with a zero last column for absent classes (``None`` without ``want_grad``).
+    """
+    rows, atoms = cuts.shape
     starts = torch.cat([torch.zeros_like(n).unsqueeze(-1), cuts[:, :-1]], -1)
     count = (cuts - starts).to(torch.float64)
+    z_s, sum_u, sum_uu, z_t, sum_tdiff, sum_tu, sum_tt = sums.to(torch.float64).unbind(1)
+    dtype, m_s, m_t = m_s.dtype, m_s.to(torch.float64), m_t.to(torch.float64)
 
-    # 3. per-atom sums, shifted by the atom's maxima
-    a = torch.where(s_inf, 0.0, s / temperature)
-    b = torch.where(t_ok, t / temperature, float("-inf"))
-    neg = torch.full((rows, atoms + 1), float("-inf"), dtype=s.dtype, device=s.device)
-    m_s = neg.scatter_reduce(1, atom, torch.where(live, a, float("-inf")), "amax")
-    m_t = neg.scatter_reduce(1, atom, b, "amax")
-    m_s, m_t = torch.where(torch.isneginf(m_s), 0.0, m_s), torch.where(torch.isneginf(m_t), 0.0, m_t)
-    u = torch.where(live, a - m_s.gather(1, atom), 0.0)
-    e_s = torch.where(live, u.exp(), 0.0)
-    e_t = torch.where(t_ok, (b - m_t.gather(1, atom)).exp(), 0.0)
-    diff = torch.where(t_ok, b - a, 0.0)
-    parts = torch.stack([e_s, u, u * u, e_t, e_t * diff, e_t * u, e_t * e_t], 1)
-    sums = parts.new_zeros(rows, 7, atoms + 1).scatter_add_(2, atom.unsqueeze(1).expand_as(parts), parts)
-    del parts
-    z_s, sum_u, sum_uu, z_t, sum_tdiff, sum_tu, sum_tt = sums[..., :atoms].to(torch.float64).unbind(1)
-    m_s, m_t = m_s[:, :atoms].to(torch.float64), m_t[:, :atoms].to(torch.float64)
-
-    loss = torch.zeros(rows, dtype=torch.float64, device=s.device)
-    coef = torch.zeros(4, rows, atoms, dtype=torch.float64, device=s.device)  # on e_s, e_t, u, and a constant
+    loss = torch.zeros(rows, dtype=torch.float64, device=m_s.device)
+    coef = torch.zeros(4, rows, atoms, dtype=torch.float64, device=m_s.device)  # on e_s, e_t, u, and a constant
     t2 = temperature**2
-    for g, stage_cuts in zip(stage_groups, bounds):
-        group = (stage_cuts.unsqueeze(1) <= starts.unsqueeze(-1)).sum(-1)  # (rows, atoms): each atom's group
+    for g in stage_groups:
+        group = (stage_bounds(n, g).unsqueeze(1) <= starts.unsqueeze(-1)).sum(-1)  # each atom's group
         lse_s = _group_lse(m_s, z_s, group, g)
         lse_t = _group_lse(m_t, z_t, group, g)
         delta = m_s - lse_s.gather(1, group)  # log q_s = u + delta within an atom
@@ -130,13 +112,55 @@ def pcd_rows(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: 
             c_lq_atom = c_lq.gather(1, group)
             coef += torch.stack([c_qs.gather(1, group) * w_s, c_qt.gather(1, group) * w_t, c_lq_atom,
                                  c_lq_atom * delta])
-    loss = torch.where(nan_row, float("nan"), torch.where(inf_row, float("inf"), factor * loss)).to(s.dtype)
+    if not want_grad:
+        return loss, None
+    return loss, torch.cat([coef, coef.new_zeros(4, rows, 1)], -1).to(dtype)
+
+
+def finish_loss(loss: torch.Tensor, nan_row: torch.Tensor, inf_row: torch.Tensor, factor: float, dtype: torch.dtype):
+    """``factor * loss``, NaN for rows with NaN or ``+inf``, ``+inf`` where the student rules out a teacher class."""
+    return torch.where(nan_row, float("nan"), torch.where(inf_row, float("inf"), factor * loss)).to(dtype)
+
+
+def pcd_rows(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: float, temperature: float,
+             adaptive: bool, rank_by: str, want_grad: bool):
+    """Per-row PCD loss ``factor * sum_stages sum_G w_G KL_G`` and its gradient w.r.t. ``s``."""
+    rows, num_classes = s.shape
+    s_inf, t_inf = torch.isneginf(s), torch.isneginf(t)
+    live = ~(s_inf & t_inf)
+    t_ok = live & ~t_inf
+    n = live.sum(-1)
+    inf_row = (live & s_inf & ~t_inf).any(-1)  # the student rules out a class the teacher keeps: loss +inf
+    nan_row = (torch.isnan(s) | torch.isposinf(s) | torch.isnan(t) | torch.isposinf(t)).any(-1)
+
+    # 1-2. rank positions, boundaries of every stage, atoms
+    order = torch.sort(priority_key(s, t, live, rank_by), dim=-1, descending=True, stable=True).indices
+    pos = torch.empty_like(order).scatter_(1, order, torch.arange(num_classes, device=s.device).expand_as(order))
+    cuts = atom_cuts(n, stage_groups)
+    atoms = cuts.shape[-1]  # the last column of cuts is n
+    atom = torch.where(live, torch.searchsorted(cuts[:, :-1].contiguous(), pos, right=True), atoms)
+
+    # 3. per-atom sums, shifted by the atom's maxima
+    a = torch.where(s_inf, 0.0, s / temperature)
+    b = torch.where(t_ok, t / temperature, float("-inf"))
+    neg = torch.full((rows, atoms + 1), float("-inf"), dtype=s.dtype, device=s.device)
+    m_s = neg.scatter_reduce(1, atom, torch.where(live, a, float("-inf")), "amax")
+    m_t = neg.scatter_reduce(1, atom, b, "amax")
+    m_s, m_t = torch.where(torch.isneginf(m_s), 0.0, m_s), torch.where(torch.isneginf(m_t), 0.0, m_t)
+    u = torch.where(live, a - m_s.gather(1, atom), 0.0)
+    e_s = torch.where(live, u.exp(), 0.0)
+    e_t = torch.where(t_ok, (b - m_t.gather(1, atom)).exp(), 0.0)
+    diff = torch.where(t_ok, b - a, 0.0)
+    parts = torch.stack([e_s, u, u * u, e_t, e_t * diff, e_t * u, e_t * e_t], 1)
+    sums = parts.new_zeros(rows, 7, atoms + 1).scatter_add_(2, atom.unsqueeze(1).expand_as(parts), parts)
+    del parts
+    loss, coef = combine_atoms(m_s[:, :atoms], m_t[:, :atoms], sums[..., :atoms], cuts, n, stage_groups,
+                               temperature, adaptive, want_grad)
+    loss = finish_loss(loss, nan_row, inf_row, factor, s.dtype)
     if not want_grad:
         return loss, None
 
     # 4. the gradient, one pass over the classes
-    pad = torch.zeros(4, rows, 1, dtype=torch.float64, device=s.device)
-    coef = torch.cat([coef, pad], -1).to(s.dtype)
     p, q, r, c = (x.gather(1, atom) for x in coef.unbind(0))
     grad = (e_s * p + e_t * q + u * r + torch.where(live, c, 0.0)) * (factor / temperature)
     return loss, torch.where((inf_row | nan_row).unsqueeze(-1), float("nan"), grad)
