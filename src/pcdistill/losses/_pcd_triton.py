@@ -6,9 +6,10 @@ past C load as ``-inf`` in both inputs, i.e. absent. The forward kernel makes th
 
 1. counts: live classes ``n``, the centring means of ``rank_by="abs_diff"``, the NaN / +inf row flags;
 2. selection: every stage boundary is a rank position ``b`` (``stage_bounds``), so the set of classes
-   ranked before it is "keys above the ``b``-th largest key, plus the lowest-indexed ties". A bisection on
-   the keys' order-preserving integer images finds the ``b``-th largest key of every boundary at once (one
-   pass per bit), then one pass counts the keys strictly above each, leaving ``slots`` for the ties;
+   ranked before it is "keys above the ``b``-th largest key, plus the lowest-indexed ties". A radix select
+   on the keys' order-preserving integer images finds the ``b``-th largest key of every boundary at once
+   (one pass per ``DIGIT`` bits, counting the keys at or above each of the ``2**DIGIT`` candidates), then
+   one pass counts the keys strictly above each threshold, leaving ``slots`` for the ties;
 3. maxima: a class's atom is the number of boundaries at or below its rank (it is before boundary ``b``
    iff its key is above the threshold, or equal with fewer than ``slots`` equal keys at lower indices);
    per-atom maxima of ``a = s/T`` and ``b = t/T``;
@@ -19,6 +20,8 @@ gradient coefficients; the gradient kernel finds each class's atom again and wri
 ``e_s P + e_t Q + u R + S`` once. Atoms come from the distinct group counts of ``stage_groups``.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -268,6 +271,14 @@ def _pow2(x: int) -> int:
     return triton.next_power_of_2(max(x, 1))
 
 
+@functools.lru_cache(maxsize=64)
+def _boundary_table(groups: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``(2, NBP)`` int32: group count and index of every stage boundary; cached, as copying it to a GPU waits."""
+    pairs = [(g, i) for g in groups for i in range(1, g)]  # boundary i of a stage with g groups
+    pairs += [(1, 1)] * (_pow2(len(pairs)) - len(pairs))  # boundary n: every live class is before it, no atom changes
+    return torch.tensor(pairs, dtype=torch.int32, device=device).T.contiguous()
+
+
 def pcd_rows_triton(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: float, temperature: float,
                     adaptive: bool, rank_by: str, want_grad: bool, *, block: int | None = None):
     """``pcd_rows`` with the per-row passes in Triton (``block``: classes per step, a power of two)."""
@@ -276,14 +287,14 @@ def pcd_rows_triton(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], f
     dev, dtype = s.device, s.dtype
     is64 = dtype == torch.float64
     groups = sorted(set(stage_groups))  # a repeated stage cuts the row at the same places
-    pairs = [(g, i) for g in groups for i in range(1, g)]  # boundary i of a stage with g groups
-    atoms = len(pairs) + 1
-    nbp, ap = _pow2(len(pairs)), _pow2(atoms + 1)  # ap: the atoms and the dump atom of absent classes
-    pairs += [(1, 1)] * (nbp - len(pairs))  # boundary n: every live class is before it, changing no atom
-    table = torch.tensor(pairs, dtype=torch.int32, device=dev).T.contiguous()
+    table = _boundary_table(tuple(groups), dev)
+    nbp = table.shape[1]
+    atoms = sum(groups) - len(groups) + 1
+    ap = _pow2(atoms + 1)  # the atoms and the dump atom of absent classes
     if block is None:
         block = min(_pow2(num_classes), max(16, MAX_TILE // max(nbp * 2**DIGIT, ap)))
-    params = torch.tensor([temperature, factor / temperature], dtype=dtype, device=dev)  # float args would be fp32
+    params = torch.full((2,), temperature, dtype=dtype, device=dev)  # in tensors: float arguments would be fp32
+    params[1].fill_(factor / temperature)
     n = torch.empty(rows, dtype=torch.int32, device=dev)
     flags = torch.empty(rows, dtype=torch.int32, device=dev)
     means = torch.empty(rows, 2, dtype=dtype, device=dev)
