@@ -813,3 +813,14 @@ def test_dist_reductions_follow_the_formula():
     torch.testing.assert_close(dist_loss(s, t, reduction="sum", **kw), want_rows.sum(), rtol=1e-12, atol=1e-12)
     s.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: dist_loss(x, t, reduction="none", **kw), (s,))
+
+
+def test_minus_zero_ties_with_zero_in_the_ranking():
+    """Teacher logits -0.0 and 0.0 are equal: the lower class index must rank first, as in a float sort."""
+    s = torch.tensor([[0.3, -0.9, 0.8]], dtype=torch.float64)
+    t = torch.tensor([[1.0, -0.0, 0.0]], dtype=torch.float64)
+    got = pcd_loss(s, t, stages=2, rank_by="teacher")
+    right = 2 * (explicit_groups_loss(s[0], t[0], [[0, 1, 2]]) + explicit_groups_loss(s[0], t[0], [[0, 1], [2]]))
+    wrong = 2 * (explicit_groups_loss(s[0], t[0], [[0, 1, 2]]) + explicit_groups_loss(s[0], t[0], [[0, 2], [1]]))
+    assert abs(right - wrong) > 1e-3  # the case distinguishes the two orders
+    torch.testing.assert_close(got, right, rtol=1e-12, atol=1e-12)
