@@ -30,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pcdistill.losses import dist_loss, dkd_loss, kd_loss, pcd_loss
+from pcdistill.losses import dist_loss, dkd_loss, kd_loss, pcd_loss, set_pcd_backend
 
 T = 4.0
 SHAPES = ["256x1000:fp32", "1024x1000:fp32", "128x32000:fp32", "4096x32000:bf16", "512x128000:fp32",
@@ -53,8 +53,18 @@ METHODS = {
     "PCD curriculum": lambda s, t, y: pcd_loss(s, t, temperature=T, stages=3, schedule="curriculum", progress=0.3),
     "PCD released": lambda s, t, y: pcd_loss(s, t, temperature=T, stages=3, variant="released"),
     "DIST": lambda s, t, y: dist_loss(s, t),
+    "PCD K=3 (torch rows)": lambda s, t, y: _torch_rows(lambda: pcd_loss(s, t, temperature=T, stages=3)),
 }
-DEFAULT_METHODS = [m for m in METHODS if m != "DIST"]
+
+
+def _torch_rows(call):
+    """On CUDA, the plain-torch rows instead of the Triton kernel: what the kernel earns."""
+    set_pcd_backend("torch")
+    try:
+        return call()
+    finally:
+        set_pcd_backend("auto")
+DEFAULT_METHODS = [m for m in METHODS if m not in ("DIST", "PCD K=3 (torch rows)")]
 
 
 def per_row_group_loop(s, t, y):

@@ -19,7 +19,7 @@ from ._rows import memory_budget, memory_budget_mib, set_memory_budget
 from .dist import DISTLoss, dist_loss
 from .dkd import DKDLoss, dkd_loss
 from .kd import KDLoss, kd_loss
-from .pcd import PCDLoss, pcd_loss
+from .pcd import PCDLoss, pcd_loss, set_pcd_backend
 
 METHODS: Registry[type[nn.Module] | None] = Registry("distillation method")
 METHODS.register("vanilla")(None)
@@ -56,4 +56,4 @@ def build_loss(method: str, **kwargs) -> nn.Module | None:
 
 __all__ = ["DISTLoss", "DKDLoss", "KDLoss", "PCDLoss", "build_loss", "dist_loss", "dkd_loss", "kd_loss",
            "list_methods", "loss_arguments", "memory_budget", "memory_budget_mib", "pcd_loss", "set_device_checks",
-           "set_memory_budget", "standardize_logits"]
+           "set_memory_budget", "set_pcd_backend", "standardize_logits"]

@@ -6,6 +6,7 @@ The maths is in :func:`pcd_loss`'s docstring; the per-row computation lives in `
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -106,6 +107,32 @@ def _released_loss(s, t, valid, class_mask, standardize, temperature, stages, ma
     return reduce_rows(2 * stages * kl * mean_weight, mask, reduction, leading)
 
 
+BACKENDS = ("auto", "torch", "triton")
+_backend = os.environ.get("PCDISTILL_PCD_BACKEND", "auto")
+
+
+def set_pcd_backend(name: str) -> None:
+    """PCD's per-row computation: ``"auto"`` (Triton on CUDA in eager mode, else torch), ``"torch"`` or ``"triton"``."""
+    global _backend
+    check_choice("backend", name, BACKENDS)
+    _backend = name
+
+
+def _row_function(s: torch.Tensor, num_classes: int, stage_groups: list[int]):
+    """The Triton kernel on CUDA (eager, where triton imports), else the plain-torch rows of ``_pcd_rows``."""
+    few_atoms = sum(g - 1 for g in set(stage_groups)) < num_classes  # K near C: rank positions as atoms
+    wanted = _backend == "triton" or (_backend == "auto" and s.is_cuda and not torch.compiler.is_compiling())
+    if wanted and few_atoms:
+        try:
+            from ._pcd_triton import pcd_rows_triton
+        except ImportError:
+            if _backend == "triton":
+                raise
+        else:
+            return pcd_rows_triton
+    return pcd_rows
+
+
 def _check_stages(stages, num_classes: int) -> int:
     if isinstance(stages, bool) or not isinstance(stages, (int, np.integer)):
         raise TypeError(f"stages must be an int in [1, C]; got {type(stages).__name__} {stages!r}")
@@ -178,8 +205,10 @@ def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temp
 
     stage_groups, factor = stage_sequence(stages, schedule, progress)
 
+    fn = _row_function(s, num_classes, stage_groups)
+
     def rows(s, t, extra, want_grad):
-        return pcd_rows(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad)
+        return fn(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad)
 
     row = row_losses(s, t, rows, work_arrays=WORK_ARRAYS, dtype=compute_dtype(s, t), valid=mask,
                      class_mask=classes, standardize=standardize)
