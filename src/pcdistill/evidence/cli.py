@@ -25,6 +25,11 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="results", help="results folder of a finished suite")
     p.add_argument("--dataset", default="fashion_mnist_pairs")
     p.set_defaults(func=cmd_analysis)
+    p = what.add_parser("configs", help="write configs/fashion_mnist*, configs/fashion_scenes from the suites' "
+                                        "recipes at the weights they chose on validation")
+    p.add_argument("--out", default="results", help="results folder of the suites (runs.csv, detection.csv)")
+    p.add_argument("--configs", default="configs", help="configs folder to write into (default configs/)")
+    p.set_defaults(func=cmd_configs)
     p = what.add_parser("report", help="write results/ into the README between its results markers")
     p.add_argument("--out", default="results", help="results folder")
     p.add_argument("--readme", default="README.md")
@@ -56,6 +61,13 @@ def cmd_analysis(args: argparse.Namespace) -> int:
     if not (Path(args.out) / "runs.csv").exists():
         raise ConfigError(f"{args.out}/runs.csv does not exist: run `pcdistill bench accuracy --out {args.out}` first")
     print(analyse(Path(args.out), args.dataset))
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from pcdistill.evidence.configs import write_configs
+    for path in write_configs(Path(args.out), Path(args.configs)):
+        print(path)
     return 0
 
 
