@@ -2,7 +2,8 @@
 clearly the stronger network?
 
 Data: `fashion_scenes` (Fashion-MNIST items on textured canvases; test scenes hold only test items).
-One teacher is trained, then vanilla, KD, DKD, PCD and PCD-released students with the same recipe.
+One teacher is trained (the vanilla students beside it), then KD, DKD, PCD and PCD-released
+students with the students' recipe.
 As in the accuracy suite (`pcdistill.evidence.suite`), each variant keeps its published loss
 settings and only the weight of its distillation term is chosen, from ``alpha_grid`` x the published
 weight, by the **validation** AP of a short seed-0 run; the finals run every seed at that weight and
@@ -80,7 +81,7 @@ def _options(fpn: int, head: int, size: int = 128, **extra) -> dict:
 
 FULL = DetectionRecipe(
     teacher="fasterrcnn_resnet18_fpn", teacher_options=_options(64, 256), teacher_epochs=8,
-    student="fasterrcnn_resnet18_fpn", student_options=_options(32, 128), epochs=3, tune_epochs=2,
+    student="fasterrcnn_resnet18_fpn", student_options=_options(32, 128), epochs=6, tune_epochs=2,
     data_options={"train_images": 768, "val_images": 128, "test_images": 256})
 _TINY = {"rpn_post_nms_top_n_train": 100, "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 32}
 QUICK = DetectionRecipe(
@@ -145,9 +146,8 @@ def _run(plan: DetectionPlan, results: Path, runner: Runner, log) -> list[dict]:
             config["data"]["options"] = config["data"]["options"] | {"fashion_root": plan.fashion_root}
         return config
 
-    # the teacher runs alone: its process writes the scenes that every later run reads
-    teachers = runner.run([Job(("teacher", None, 0, "teacher"), with_source(teacher_config(recipe, data_root)),
-                               runs_dir / "teacher")], "teacher")
+    teacher = with_source(teacher_config(recipe, data_root))
+    write_scenes(teacher)  # here, once: the parallel runs then only read them
     weights = str(runs_dir / "teacher" / "model.safetensors")
 
     def job(variant: Variant, scale: float, seed: int, phase: str) -> Job:
@@ -157,12 +157,17 @@ def _run(plan: DetectionPlan, results: Path, runner: Runner, log) -> list[dict]:
         return Job((variant.name, scale, seed, phase), config, runs_dir / phase / _slug(name) / f"seed{seed}")
 
     distilled = [v for v in plan.variants if v.method != "vanilla"]
+    # vanilla students need no teacher: they train beside it
+    first = runner.run([Job(("teacher", None, 0, "teacher"), teacher, runs_dir / "teacher")]
+                       + [job(v, 1.0, s, "final") for v in plan.variants if v.method == "vanilla" for s in plan.seeds],
+                       "teacher and vanilla students")
+    teachers = {k: v for k, v in first.items() if k[3] == "teacher"}
     tuning = runner.run([job(v, a, plan.seeds[0], "tune") for v in distilled for a in plan.alpha_grid],
                         "tuning (seed 0)")
     chosen = {v.name: choose_scale(lambda a: tuning[v.name, a, plan.seeds[0], "tune"]["val_AP"], plan.alpha_grid)
               for v in distilled}
-    final = runner.run([job(v, chosen.get(v.name, 1.0), s, "final") for v in plan.variants for s in plan.seeds],
-                       "final seeds")
+    final = {k: v for k, v in first.items() if k[3] == "final"} | runner.run(
+        [job(v, chosen[v.name], s, "final") for v in distilled for s in plan.seeds], "final seeds")
 
     rows = []
     for (name, scale, seed, phase), result in list(teachers.items()) + list(tuning.items()) + list(final.items()):
@@ -184,6 +189,15 @@ def _run(plan: DetectionPlan, results: Path, runner: Runner, log) -> list[dict]:
     (results / "detection_environment.json").write_text(json.dumps(env, indent=2) + "\n")
     (results / "detection.md").write_text(report(plan, rows, env))
     return rows
+
+
+def write_scenes(config: dict) -> None:
+    """Write the scenes a run of ``config`` reads (nothing when they are already there)."""
+    from pcdistill.config import from_dict
+    from pcdistill.detection import build_detection_dataset
+    data = from_dict(config).data
+    build_detection_dataset(data.name, root=data.root, split="train", val_fraction=data.val_fraction,
+                            seed=data.split_seed, **data.options)
 
 
 CSV_FIELDS = ["variant", "seed", "alpha", "test_ap", "test_ap50", "test_ap75", "val_ap", "seconds", "phase", "epochs",
