@@ -1,4 +1,4 @@
-"""Command line: ``pcdistill train | eval | list | convert | demo | bench``.
+"""Command line: ``pcdistill train | eval | list | convert | demo | bench | tune``.
 
     pcdistill train configs/fashion_mnist/teacher.yaml --out runs/t
     pcdistill train configs/fashion_mnist/pcd.yaml teacher.weights=runs/t/model.safetensors --out runs/pcd
@@ -9,6 +9,7 @@
     pcdistill convert ckpt_epoch_240.pth --model resnet32x4 --num-classes 100 --out resnet32x4.safetensors
     torchrun --nproc_per_node 2 -m pcdistill train configs/digits/pcd.yaml --out runs/ddp
     pcdistill bench accuracy --out results        # the evidence suite (resumable); --quick for a smoke run
+    pcdistill tune configs/fashion_mnist/pcd.yaml data.root=/my/data --out runs/tune   # distill.alpha on val
 
 ``key=value`` overrides and positionals may come anywhere on the line, before or after the options.
 Errors in what you asked for (a config key, a missing dataset, a bad weights file) are printed as one
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pcdistill.evidence.cli import add_parser
     add_parser(sub)
+    from pcdistill.evidence.tune import add_parser as add_tune_parser
+    add_tune_parser(sub)
     return parser
 
 

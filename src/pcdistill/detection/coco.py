@@ -17,7 +17,8 @@ Registered datasets (`build_detection_dataset(name, root=..., split=...)`):
 * `coco`: `root/annotations/instances_{train2017,val2017}.json` and `root/{train2017,val2017}/`;
   train = train2017 minus a val split of `val_fraction` of its images carved by `seed`, val = that
   carved part, test = val2017;
-* `shapes`: the synthetic dataset of `pcdistill.detection.shapes`, written on first use.
+* `shapes`: the synthetic dataset of `pcdistill.detection.shapes`, written on first use;
+* `fashion_scenes`: Fashion-MNIST items on textured canvases (`pcdistill.detection.fashion_scenes`), written on first use.
 """
 from __future__ import annotations
 

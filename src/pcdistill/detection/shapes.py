@@ -20,24 +20,21 @@ present, nothing is rewritten. In distributed runs, write on one rank and wait a
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from pcdistill.detection.coco import CocoDetection, register_detection_dataset
+from pcdistill.detection.synthetic import (PLACEMENT_TRIES, SPLIT_CODES, finish, occludes_too_much,
+                                           textured_background, write_dataset, write_split)
 
 DEFAULT_ROOT = Path("data") / "shapes"
 CLASSES = ("circle", "square", "triangle", "star", "cross")
 FORMAT = "pcdistill-shapes"
 VERSION = 1
-MIN_VISIBLE = 0.5  # fraction of a shape's pixels that must stay visible
-_PLACEMENT_TRIES = 20
-_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
 def shapes_detector_options(image_size: int = 128) -> dict:
@@ -75,42 +72,19 @@ def _shape_mask(kind: str, size: int, cx: float, cy: float, radius: float, angle
     return np.asarray(canvas, dtype=bool)
 
 
-def _smooth_field(rng: np.random.Generator, size: int, cells: int, channels: int) -> np.ndarray:
-    """Random values on a `cells` x `cells` grid, bicubically upsampled: float (size, size, channels) in [0, 1]."""
-    grid = rng.integers(0, 256, (cells, cells, channels), dtype=np.uint8)
-    image = Image.fromarray(grid.squeeze(-1) if channels == 1 else grid)
-    field = np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255
-    return field.reshape(size, size, channels)
-
-
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    image = 0.25 + 0.5 * _smooth_field(rng, size, int(rng.integers(2, 6)), 3)
-    image += 0.25 * (_smooth_field(rng, size, size // 8, 1) - 0.5)
-    canvas = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(0, 4))):
-        x0, y0, x1, y1 = rng.uniform(0, size, 4)
-        draw.line((x0, y0, x1, y1), fill=int(rng.integers(60, 256)), width=int(rng.integers(1, 3)))
-    lines = np.asarray(canvas, dtype=np.float32)[..., None] / 255
-    tint = rng.uniform(0, 1, 3).astype(np.float32)
-    return image * (1 - lines) + tint * lines
-
-
 def _render(rng: np.random.Generator, size: int, max_objects: int):
-    """One image: uint8 (size, size, 3) and a list of (class index, visible mask)."""
-    image = _background(rng, size)
+    """One image: uint8 (size, size, 3) and a list of (category id, visible mask, {})."""
+    image = textured_background(rng, size)
     owner = np.zeros((size, size), dtype=np.int32)  # 0: background, k: k-th placed shape
-    placed: list[tuple[int, int, np.ndarray]] = []  # (class index, full pixel count, colour)
+    placed: list[tuple[int, int]] = []  # (class index, full pixel count)
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        for _ in range(_PLACEMENT_TRIES):
+        for _ in range(PLACEMENT_TRIES):
             kind = int(rng.integers(len(CLASSES)))
             radius = rng.uniform(0.04, 0.2) * size
             cx, cy = rng.uniform(radius, size - radius, 2)
             mask = _shape_mask(CLASSES[kind], size, cx, cy, radius, rng.uniform(0, 2 * math.pi))
-            trial = np.where(mask, len(placed) + 1, owner)
-            visible = np.bincount(trial.ravel(), minlength=len(placed) + 2)[1:]
-            full = np.array([p[1] for p in placed] + [mask.sum()])
-            if full[-1] >= 16 and np.all(visible >= MIN_VISIBLE * full):
+            hidden, trial = occludes_too_much(owner, [p[1] for p in placed], mask)
+            if mask.sum() >= 16 and not hidden:
                 break
         else:
             continue
@@ -119,60 +93,12 @@ def _render(rng: np.random.Generator, size: int, max_objects: int):
         if np.abs(colour - image[mask].mean(0)).max() < 0.3:
             colour = 1 - colour
         owner = trial
-        placed.append((kind, int(mask.sum()), colour))
+        placed.append((kind, int(mask.sum())))
         ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
         direction = rng.normal(size=2)
         shade = 1 + 0.2 * ((xs - cx) * direction[0] + (ys - cy) * direction[1]) / (radius * np.linalg.norm(direction))
         image[mask] = np.clip(colour[None, :] * shade[mask][:, None], 0, 1)
-    image += rng.normal(0, 0.03, image.shape).astype(np.float32)
-    pixels = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return pixels, [(kind, owner == k + 1) for k, (kind, _, _) in enumerate(placed)]
-
-
-def _write_split(root: Path, split: str, count: int, seed: int, size: int, max_objects: int) -> None:
-    folder = root / split
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.iterdir():
-        if re.fullmatch(r"\d{6}\.png", stale.name):
-            stale.unlink()
-    images, annotations = [], []
-    for index in range(count):
-        image_id = index + 1
-        rng = np.random.default_rng((seed, _SPLIT_CODES[split], index))
-        pixels, shapes = _render(rng, size, max_objects)
-        file_name = f"{image_id:06d}.png"
-        Image.fromarray(pixels).save(folder / file_name)
-        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
-        for kind, visible in shapes:
-            ys, xs = np.nonzero(visible)
-            x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": kind + 1,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(visible.sum()), "iscrowd": 0})
-    categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)]
-    document = {"info": {"description": f"pcdistill synthetic shapes, {split} split", "version": str(VERSION)},
-                "images": images, "annotations": annotations, "categories": categories}
-    _write_json(root / "annotations" / f"instances_{split}.json", document)
-
-
-def _write_json(path: Path, document) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(document))
-    os.replace(partial, path)
-
-
-def _complete(root: Path, manifest: dict) -> bool:
-    try:
-        if json.loads((root / "manifest.json").read_text()) != manifest:
-            return False
-    except (OSError, ValueError):
-        return False
-    for split in _SPLIT_CODES:
-        if not (root / "annotations" / f"instances_{split}.json").is_file():
-            return False
-        if not all((root / split / f"{i:06d}.png").is_file() for i in range(1, manifest[f"{split}_images"] + 1)):
-            return False
-    return True
+    return finish(image, rng), [(kind + 1, owner == k + 1, {}) for k, (kind, _) in enumerate(placed)]
 
 
 def write_shapes(root: str | os.PathLike = DEFAULT_ROOT, *, seed: int = 0, train_images: int = 512,
@@ -188,14 +114,17 @@ def write_shapes(root: str | os.PathLike = DEFAULT_ROOT, *, seed: int = 0, train
     manifest = {"format": FORMAT, "version": VERSION, "seed": int(seed), "train_images": int(train_images),
                 "val_images": int(val_images), "test_images": int(test_images), "image_size": int(image_size),
                 "max_objects": int(max_objects)}
-    if _complete(root, manifest):
-        return root
-    (root / "manifest.json").unlink(missing_ok=True)
-    for split in _SPLIT_CODES:
-        _write_split(root, split, manifest[f"{split}_images"], manifest["seed"], manifest["image_size"],
-                     manifest["max_objects"])
-    _write_json(root / "manifest.json", manifest)
-    return root
+    categories = [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)]
+
+    def render(rng):
+        return _render(rng, manifest["image_size"], manifest["max_objects"])
+
+    def write_splits():
+        for split in SPLIT_CODES:
+            write_split(root, split, manifest[f"{split}_images"], manifest["seed"], render, categories,
+                        "pcdistill synthetic shapes", VERSION)
+
+    return write_dataset(root, manifest, write_splits)
 
 
 @register_detection_dataset("shapes")

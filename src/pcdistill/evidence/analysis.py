@@ -80,11 +80,22 @@ def analyse(results: Path, dataset: str, variants=("vanilla", "kd", "dkd", "pcd"
     for variant, dirs in runs.items():
         for run_dir in dirs:
             logits, _ = test_logits(run_dir)
-            for bucket, values in bucket_gaps(logits, teacher_logits).items():
-                stats.setdefault(variant, {}).setdefault(bucket, []).append(values)
+            add_gaps(stats, variant, bucket_gaps(logits, teacher_logits))
+    return write_bucket_report(stats, list(variants), results / f"buckets_{dataset}", f"{dataset} (test split)",
+                               "Classes ranked by the teacher's probability")
+
+
+def add_gaps(stats: dict, variant: str, gaps: dict[str, tuple[float, float]]) -> None:
+    """Append one run's ``bucket_gaps`` to ``stats`` ({variant: {bucket: [(gap, kl) per run]}})."""
+    for bucket, values in gaps.items():
+        stats.setdefault(variant, {}).setdefault(bucket, []).append(tuple(values))
+
+
+def write_bucket_report(stats: dict, variants: list[str], stem: Path, title: str, ranking: str) -> str:
+    """``stem``.md (mean +- std over runs per bucket) and ``stem``.png from ``stats``; returns the table."""
     buckets = list(next(iter(stats.values())))
-    lines = [f"# Teacher-student gap by teacher rank: {dataset} (test split)", "",
-             "Classes ranked by the teacher's probability; per bucket, the mean |log p_t - log p_s| over its classes "
+    lines = [f"# Teacher-student gap by teacher rank: {title}", "",
+             f"{ranking}; per bucket, the mean |log p_t - log p_s| over its classes "
              "and the KL within the bucket (renormalised); mean +- std over seeds. Lower is closer to the teacher.", "",
              "| student | " + " | ".join(f"gap, rank {b}" for b in buckets) + " | "
              + " | ".join(f"bucket KL, rank {b}" for b in buckets if b != "1") + " |",
@@ -102,12 +113,12 @@ def analyse(results: Path, dataset: str, variants=("vanilla", "kd", "dkd", "pcd"
                 cells.append(f"{statistics.fmean(values):.3f} +- {sd:.3f}")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
-    (results / f"buckets_{dataset}.md").write_text(table)
-    _plot(stats, buckets, variants, results / f"buckets_{dataset}.png", dataset)
+    stem.with_suffix(".md").write_text(table)
+    _plot(stats, buckets, variants, stem.with_suffix(".png"), title)
     return table
 
 
-def _plot(stats, buckets, variants, path: Path, dataset: str) -> None:
+def _plot(stats, buckets, variants, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -125,7 +136,7 @@ def _plot(stats, buckets, variants, path: Path, dataset: str) -> None:
         ax.set_title(title)
         ax.set_ylabel("lower = closer to the teacher")
     axes[0].legend()
-    fig.suptitle(f"{dataset}: student vs teacher by the teacher's class rank (test split)")
+    fig.suptitle(f"{title}: student vs teacher by the teacher's class rank")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""``pcdistill bench accuracy | analysis | report``: the evidence suite from the command line."""
+"""``pcdistill bench accuracy | detection | analysis | report``: the evidence suites from the command line."""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +13,24 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a few-minute smoke run on digits")
     p.add_argument("--jobs", type=int, default=2, help="parallel single-threaded training processes (default 2)")
     p.set_defaults(func=cmd_accuracy)
+    p = what.add_parser("detection", help="fashion_scenes detection: teacher, then vanilla/KD/DKD/PCD students "
+                                          "over seeds, weights chosen on val AP; resumable")
+    p.add_argument("--out", default="results", help="results folder (default results/)")
+    p.add_argument("--quick", action="store_true", help="a smoke run on tiny scenes (under 3 minutes)")
+    p.add_argument("--jobs", type=int, default=2, help="parallel single-threaded training processes (default 2)")
+    p.add_argument("--fashion-root", help="folder of the Fashion-MNIST IDX files (default: the dataset's, "
+                                          "/usr/share/datasets/fashion-mnist)")
+    p.set_defaults(func=cmd_detection)
     p = what.add_parser("analysis", help="teacher-student gap by teacher rank for the suite's students")
     p.add_argument("--out", default="results", help="results folder of a finished suite")
     p.add_argument("--dataset", default="fashion_mnist_pairs",
                    help="dataset whose students are analysed (default fashion_mnist_pairs)")
     p.set_defaults(func=cmd_analysis)
+    p = what.add_parser("configs", help="write configs/fashion_mnist*, configs/fashion_scenes from the suites' "
+                                        "recipes at the weights they chose on validation")
+    p.add_argument("--out", default="results", help="results folder of the suites (runs.csv, detection.csv)")
+    p.add_argument("--configs", default="configs", help="configs folder to write into (default configs/)")
+    p.set_defaults(func=cmd_configs)
     p = what.add_parser("report", help="write results/ into the README between its results markers")
     p.add_argument("--out", default="results", help="results folder")
     p.add_argument("--readme", default="README.md",
@@ -34,12 +47,29 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detection(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pcdistill.evidence.detection import full_plan, quick_plan, run_detection_suite
+    plan = (quick_plan if args.quick else full_plan)(args.fashion_root)
+    run_detection_suite(plan, Path(args.out), jobs=args.jobs, log=tqdm.write)
+    print((Path(args.out) / "detection.md").read_text())
+    return 0
+
+
 def cmd_analysis(args: argparse.Namespace) -> int:
     from pcdistill.config import ConfigError
     from pcdistill.evidence.analysis import analyse
     if not (Path(args.out) / "runs.csv").exists():
         raise ConfigError(f"{args.out}/runs.csv does not exist: run `pcdistill bench accuracy --out {args.out}` first")
     print(analyse(Path(args.out), args.dataset))
+    return 0
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    from pcdistill.evidence.configs import write_configs
+    for path in write_configs(Path(args.out), Path(args.configs)):
+        print(path)
     return 0
 
 

@@ -176,8 +176,9 @@ def run_once(config: dict, out_dir: str | Path) -> dict:
     seconds_file = out_dir / "seconds.txt"
     seconds = float(seconds_file.read_text()) if seconds_file.exists() else sum(r["seconds"] for r in rows)
     last = rows[-1]
-    return {"val_acc": last.get("val_acc"), "test_acc": last.get("test_acc"), "epochs": last["epoch"],
-            "seconds": round(seconds, 1), "run_dir": str(out_dir)}
+    metrics = {k: v for k, v in last.items() if k.startswith(("val_", "test_"))}
+    return {"val_acc": None, "test_acc": None} | metrics | {"epochs": last["epoch"], "seconds": round(seconds, 1),
+                                                            "run_dir": str(out_dir)}
 
 
 @dataclass
@@ -189,11 +190,26 @@ class Job:
 
 class Runner:
     """Runs jobs on ``jobs`` single-threaded worker processes (two 1-thread processes train small CPU
-    models faster than one 2-thread process), with a progress bar; finished runs are only read back."""
+    models faster than one 2-thread process), with a progress bar; finished runs are only read back.
+    The workers are started once and kept for every ``run`` until ``close()`` (or the end of a
+    ``with`` block): starting a process and importing torch costs seconds."""
 
-    def __init__(self, jobs: int, log):
+    def __init__(self, jobs: int, log, metric: str = "test_acc"):
         self.jobs = max(1, jobs)
         self.log = log
+        self.metric = metric  # the one the log line shows
+        self._pool = None
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def run(self, batch: list[Job], label: str) -> dict[tuple, dict]:
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -201,16 +217,29 @@ class Runner:
         from tqdm import tqdm
         for job in batch:
             job.config["trainer"] = job.config["trainer"] | {"threads": 1}
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+        pool = self._pool
         results = {}
-        with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool, \
-                tqdm(total=len(batch), desc=label, unit="run", dynamic_ncols=True) as bar:
+        with tqdm(total=len(batch), desc=label, unit="run", dynamic_ncols=True) as bar:
             futures = {pool.submit(_quiet_run, job.config, str(job.out_dir)): job for job in batch}
             for future in as_completed(futures):
                 job = futures[future]
                 results[job.key] = future.result()
                 bar.update(1)
-                self.log(f"{job.out_dir}: test {results[job.key]['test_acc']:.2f}, {results[job.key]['seconds']:.0f} s")
+                value = results[job.key].get(self.metric)
+                self.log(f"{job.out_dir}: {self.metric} {_fmt(value)}, {results[job.key]['seconds']:.0f} s")
         return results
+
+
+def _fmt(value) -> str:
+    return "nan" if value is None else f"{value:.2f}"
+
+
+def choose_scale(val_metric, grid: tuple[float, ...]) -> float:
+    """The scale of the grid whose tuning run has the best validation metric ``val_metric(scale)``
+    (None counts as 0); ties go to the scale closest to 1, the published weight."""
+    return max(grid, key=lambda a: (val_metric(a) or 0.0, -abs(math.log(a))))
 
 
 def _quiet_run(config: dict, out_dir: str) -> dict:
@@ -227,8 +256,12 @@ def run_plan(plan: Plan, results: Path, jobs: int = 2, log=print) -> list[dict]:
     every seed at the weight chosen on validation, and the ablations at PCD's chosen weight.
     """
     results.mkdir(parents=True, exist_ok=True)
+    with Runner(jobs, log) as runner:
+        return _run_plan(plan, results, runner)
+
+
+def _run_plan(plan: Plan, results: Path, runner: Runner) -> list[dict]:
     runs_dir = results / "runs"
-    runner = Runner(jobs, log)
     started = time.perf_counter()
 
     def teacher_dir(dataset: str) -> Path:
@@ -253,9 +286,8 @@ def run_plan(plan: Plan, results: Path, jobs: int = 2, log=print) -> list[dict]:
     chosen = {}
     for dataset in plan.recipes:
         for variant in plan.variants:
-            grid = scales(variant)
-            chosen[dataset, variant.name] = max(grid, key=lambda a: (
-                tuning[dataset, variant.name, a, plan.seeds[0], "tune"]["val_acc"] or 0.0, -abs(math.log(a))))
+            chosen[dataset, variant.name] = choose_scale(
+                lambda a: tuning[dataset, variant.name, a, plan.seeds[0], "tune"]["val_acc"], scales(variant))
     finals = [job(d, v, chosen[d, v.name], s, "final") for d in plan.recipes for v in plan.variants
               for s in plan.seeds]
     if plan.ablation_dataset in plan.recipes:
@@ -318,20 +350,27 @@ def accuracy_table(plan: Plan, rows: list[dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def difference_row(a: dict[int, dict], b: dict[int, dict], metric: str) -> tuple[float, float, float, str] | None:
+    """Mean of ``a - b`` in ``metric`` over the seeds both hold ({seed: row}), its 95% interval and the
+    verdict (wins / loses only when the interval excludes 0); None without a common seed."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    mean, low, high = paired_interval([a[s][metric] for s in seeds], [b[s][metric] for s in seeds])
+    verdict = ("wins" if low > 0 else "loses" if high < 0 else "tie (interval covers 0)") \
+        if not math.isnan(low) else "one seed: no interval"
+    return mean, low, high, verdict
+
+
 def differences(plan: Plan, rows: list[dict], a: str, others: list[str]) -> str:
     lines = [f"| dataset | {a} - other | mean difference (test acc points) | 95% interval | verdict |",
              "|---|---|---:|---|---|"]
     for dataset in plan.recipes:
-        fa = _final(rows, dataset, a)
         for other in others:
-            fb = _final(rows, dataset, other)
-            seeds = sorted(set(fa) & set(fb))
-            if not seeds:
-                continue
-            mean, low, high = paired_interval([fa[s]["test_acc"] for s in seeds], [fb[s]["test_acc"] for s in seeds])
-            verdict = ("wins" if low > 0 else "loses" if high < 0 else "tie (interval covers 0)") \
-                if not math.isnan(low) else "one seed: no interval"
-            lines.append(f"| {dataset} | {a} - {other} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {verdict} |")
+            diff = difference_row(_final(rows, dataset, a), _final(rows, dataset, other), "test_acc")
+            if diff is not None:
+                mean, low, high, verdict = diff
+                lines.append(f"| {dataset} | {a} - {other} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {verdict} |")
     return "\n".join(lines)
 
 

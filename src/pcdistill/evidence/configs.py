@@ -1,0 +1,124 @@
+"""``pcdistill bench configs``: write the suites' recipes as ``configs/`` files, at the weights the
+suites chose on validation.
+
+    configs/fashion_mnist/*.yaml, configs/fashion_mnist_pairs/*.yaml   from results/runs.csv
+    configs/fashion_scenes/*.yaml                                     from results/detection.csv
+
+Each student config carries the ``distill.alpha`` its suite chose on the validation split (the alpha
+of its final runs), with a comment saying so; where the suite has not run yet, the published weight,
+with a comment saying that it is untuned. The CIFAR-100 and ImageNet configs are not generated:
+they follow the paper, its weight included.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import yaml
+
+from pcdistill.evidence import detection, suite
+
+CLASSIFICATION = {
+    "fashion_mnist": "Fashion-MNIST (IDX files; default root /usr/share/datasets/fashion-mnist, Debian package "
+                     "dataset-fashion-mnist), 8000 training images,",
+    "fashion_mnist_pairs": "Fashion-MNIST pairs: 100 classes, two images side by side (class = 10 x left + right), "
+                           "10000 training pairs,",
+}
+
+
+def file_name(variant: str) -> str:
+    return variant.replace("+", "_").replace("-", "_")
+
+
+def chosen_alphas(path: Path, dataset: str | None = None) -> dict[str, float]:
+    """{variant: alpha of its final runs} from a suite's csv (runs.csv, filtered by ``dataset``, or detection.csv)."""
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r["phase"] == "final" and r["alpha"]
+                and (dataset is None or r["dataset"] == dataset)]
+    return {r["variant"]: float(r["alpha"]) for r in rows}
+
+
+def _dump(header: list[str], config: dict) -> str:
+    return "".join(f"# {line}\n" for line in header) + yaml.safe_dump(config, sort_keys=False, default_flow_style=None,
+                                                                    width=120)
+
+
+def _weight_lines(variant: suite.Variant, alpha: float | None, command: str, source: str, date: str,
+                  path: str) -> list[str]:
+    if alpha is None:
+        return [f"distill.alpha {variant.alpha:g} is the published weight, not yet tuned: {command} chooses it on "
+                f"validation (and regenerates this file with `pcdistill bench configs`)."]
+    return [f"distill.alpha {alpha:g} ({alpha / variant.alpha:g} x the published {variant.alpha:g}): chosen on the "
+            f"validation split by `{command}` ({source}, {date}).",
+            f"On other data choose it again: pcdistill tune {path} data.root=DIR --out runs/tune "
+            "(README: \"Choosing the weight\")."]
+
+
+def _date(results: Path, name: str) -> str:
+    path = results / name
+    return json.loads(path.read_text())["date"] if path.exists() else "not run"
+
+
+def _folder(dataset: str, common: list[str], teacher_config: dict, variants: list[suite.Variant], student_config,
+            alphas: dict[str, float], command: str, source: str, date: str) -> dict[str, str]:
+    """The teacher's and every variant's config of one folder; ``student_config(variant, teacher, scale)``."""
+    teacher = f"runs/{dataset}/teacher/model.safetensors"
+    out = {f"{dataset}/teacher.yaml": _dump(
+        common + [f"Train with: pcdistill train configs/{dataset}/teacher.yaml --out runs/{dataset}/teacher"],
+        teacher_config)}
+    for variant in variants:
+        alpha = alphas.get(variant.name)
+        scale = 1.0 if alpha is None or variant.method == "vanilla" else alpha / variant.alpha
+        name = file_name(variant.name)
+        distilled = variant.method != "vanilla"
+        notes = (_weight_lines(variant, alpha, command, source, date, f"configs/{dataset}/{name}.yaml")
+                 + [f"Needs the teacher: {teacher}."]
+                 if distilled else [])
+        out[f"{dataset}/{name}.yaml"] = _dump(
+            common + notes + [f"Train with: pcdistill train configs/{dataset}/{name}.yaml --out runs/{dataset}/{name}"],
+            student_config(variant, teacher, scale))
+    return out
+
+
+def suite_configs(results: Path) -> dict[str, str]:
+    """{path under configs/: YAML text} for every generated config."""
+    out = {}
+    date = _date(results, "environment.json")
+    for dataset, describe in CLASSIFICATION.items():
+        recipe = suite.FULL[dataset]
+        common = [describe,
+                  f"teacher {recipe.teacher_epochs or recipe.epochs} epochs, students {recipe.epochs}; SGD lr "
+                  f"{recipe.lr:g} cosine, batch {recipe.batch_size}; teacher {recipe.teacher}, students {recipe.student}.",
+                  "The accuracy suite's recipe (pcdistill bench accuracy), sized for a 2-core CPU."]
+        out |= _folder(dataset, common, suite.teacher_config(recipe), suite.VARIANTS,
+                       lambda v, t, a, recipe=recipe: suite.student_config(recipe, v, t, scale=a),
+                       chosen_alphas(results / "runs.csv", dataset), "pcdistill bench accuracy", "results/runs.csv",
+                       date)
+    recipe = detection.FULL
+    data = recipe.data_options
+    common = [f"fashion_scenes: 1-6 Fashion-MNIST items (16-64 px) on textured 128x128 canvases, COCO json + PNG",
+              f"written to data/fashion_scenes on first use; {data['train_images']} train / {data['val_images']} val / "
+              f"{data['test_images']} test scenes (test items only from Fashion-MNIST's test images).",
+              f"Teacher {recipe.teacher} (FPN {recipe.teacher_options['fpn_channels']}, box head "
+              f"{recipe.teacher_options['box_head_size']}), {recipe.teacher_epochs} epochs; students {recipe.student} "
+              f"(FPN {recipe.student_options['fpn_channels']}, box head {recipe.student_options['box_head_size']}), "
+              f"{recipe.epochs} epochs.",
+              "The detection suite's recipe (pcdistill bench detection), sized for a 2-core CPU."]
+    out |= _folder("fashion_scenes", common, detection.teacher_config(recipe), detection.VARIANTS,
+                   lambda v, t, a: detection.student_config(recipe, v, t, scale=a),
+                   chosen_alphas(results / "detection.csv"), "pcdistill bench detection", "results/detection.csv",
+                   _date(results, "detection_environment.json"))
+    return out
+
+
+def write_configs(results: Path, configs: Path) -> list[Path]:
+    written = []
+    for relative, text in suite_configs(results).items():
+        path = configs / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written

@@ -1,0 +1,335 @@
+"""The detection suite: does PCD on RoI logits beat KD and a vanilla student, with a teacher that is
+clearly the stronger network?
+
+Data: `fashion_scenes` (Fashion-MNIST items on textured canvases; test scenes hold only test items).
+One teacher is trained (the vanilla students beside it), then KD, DKD, PCD and PCD-released
+students with the students' recipe.
+As in the accuracy suite (`pcdistill.evidence.suite`), each variant keeps its published loss
+settings and only the weight of its distillation term is chosen, from ``alpha_grid`` x the published
+weight, by the **validation** AP of a short seed-0 run; the finals run every seed at that weight and
+the test split is read only for the report. Results go to ``results/``:
+
+    detection.csv             one row per run: variant, seed, alpha, test_ap, test_ap50, test_ap75, val_ap,
+                              seconds (then phase, epochs, run_dir)
+    detection.md              mean +- std per variant; PCD - KD, PCD - vanilla (and - DKD, - PCD-released)
+                              paired by seed with 95% t-intervals; the tuning runs
+    detection_buckets.md/.png teacher-student gap on RoI logits by the teacher's class rank (test split)
+    detection_environment.json versions, hardware, date, wall time
+
+Resumable like the accuracy suite: finished runs are read back, killed ones resumed.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pcdistill.evidence.suite import (Job, Runner, Variant, _slug, choose_scale, difference_row, environment,
+                                      mean_std)
+
+VARIANTS = [
+    Variant("vanilla", "vanilla", description="detector losses only"),
+    Variant("kd", "kd", {"temperature": 1.0}, description="KD on RoI logits, T=1"),
+    Variant("dkd", "dkd", {"alpha": 1.0, "beta": 0.25, "temperature": 1.0},
+            description="DKD's detection setting: alpha 1, beta 0.25, T=1"),
+    Variant("pcd", "pcd", {"temperature": 1.0, "stages": 3}, description="PCD, paper variant, joint schedule, K=3, T=1"),
+    Variant("pcd-released", "pcd", {"temperature": 1.0, "stages": 3, "variant": "released"},
+            description="the authors' released computation, K=3, T=1"),
+]
+DATASET = "fashion_scenes"
+METRICS = {"test_ap": "test_AP", "test_ap50": "test_AP50", "test_ap75": "test_AP75", "val_ap": "val_AP"}
+
+
+@dataclass(frozen=True)
+class DetectionRecipe:
+    """Everything but the distillation term: data, both detectors and their training lengths."""
+
+    teacher: str
+    teacher_options: dict
+    teacher_epochs: int
+    student: str
+    student_options: dict
+    epochs: int
+    tune_epochs: int | None = None  # epochs of the tuning runs (default: all)
+    data_options: dict = field(default_factory=dict)
+    lr: float = 0.02
+    batch_size: int = 8
+
+    def base(self, model: str, options: dict, seed: int, epochs: int, data_root: str) -> dict:
+        milestones = sorted({max(1, round(2 * epochs / 3)), round(11 * epochs / 12)} & set(range(1, epochs)))
+        return {
+            "task": "detection",
+            "data": {"name": DATASET, "root": data_root, "options": dict(self.data_options)},
+            "model": {"name": model, "options": dict(options)},
+            "optim": {"name": "sgd", "lr": self.lr, "momentum": 0.9, "weight_decay": 1e-4, "clip_grad_norm": 10.0},
+            "schedule": {"name": "multistep", "milestones": milestones, "gamma": 0.1, "warmup": min(1.0, epochs / 6)},
+            "trainer": {"epochs": epochs, "batch_size": self.batch_size, "seed": seed, "device": "cpu",
+                        "log_every": 1000, "eval_every": epochs},
+        }
+
+
+def _options(fpn: int, head: int, size: int = 128, **extra) -> dict:
+    return {"min_size": size, "max_size": size, "anchor_sizes": [size // 16 * 2**k for k in range(5)],
+            "rpn_post_nms_top_n_test": 300, "fpn_channels": fpn, "box_head_size": head,
+            "box_batch_size_per_image": 128} | extra
+
+
+FULL = DetectionRecipe(
+    teacher="fasterrcnn_resnet18_fpn", teacher_options=_options(64, 256), teacher_epochs=8,
+    student="fasterrcnn_resnet18_fpn", student_options=_options(32, 128), epochs=6, tune_epochs=2,
+    data_options={"train_images": 768, "val_images": 128, "test_images": 256})
+_TINY = {"rpn_post_nms_top_n_train": 100, "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 32}
+QUICK = DetectionRecipe(
+    teacher="fasterrcnn_resnet18_fpn", teacher_options=_options(16, 32, 64, **_TINY), teacher_epochs=1,
+    student="fasterrcnn_resnet18_fpn", student_options=_options(8, 16, 64, **_TINY), epochs=1, batch_size=4,
+    data_options={"train_images": 8, "val_images": 4, "test_images": 4, "image_size": 64, "max_objects": 3,
+                  "min_scale": 12, "max_scale": 32})
+
+
+def teacher_config(recipe: DetectionRecipe, data_root: str = "data/fashion_scenes") -> dict:
+    return recipe.base(recipe.teacher, recipe.teacher_options, 0, recipe.teacher_epochs, data_root) | {
+        "description": f"{DATASET} teacher {recipe.teacher}"}
+
+
+def student_config(recipe: DetectionRecipe, variant: Variant, teacher_weights: str, seed: int = 0,
+                   scale: float = 1.0, epochs: int | None = None, data_root: str = "data/fashion_scenes") -> dict:
+    """The config dict of one student run (``configs/fashion_scenes/*.yaml`` are these, at the chosen scale)."""
+    epochs = epochs or recipe.epochs
+    teacher = ({"name": recipe.teacher, "weights": teacher_weights, "options": dict(recipe.teacher_options)}
+               if variant.method != "vanilla" else {})
+    return recipe.base(recipe.student, recipe.student_options, seed, epochs, data_root) | {
+        "teacher": teacher, "distill": variant.distill(scale, epochs / 12),
+        "description": f"{DATASET} student {recipe.student}: {variant.name} ({variant.description})"}
+
+
+@dataclass
+class DetectionPlan:
+    recipe: DetectionRecipe
+    seeds: tuple[int, ...] = (0, 1, 2)
+    alpha_grid: tuple[float, ...] = (0.25, 1.0, 4.0)
+    variants: list[Variant] = field(default_factory=lambda: list(VARIANTS))
+    fashion_root: str | None = None  # Fashion-MNIST's IDX folder (default: the dataset's)
+
+
+def full_plan(fashion_root: str | None = None) -> DetectionPlan:
+    return DetectionPlan(FULL, fashion_root=fashion_root)
+
+
+def quick_plan(fashion_root: str | None = None) -> DetectionPlan:
+    return DetectionPlan(QUICK, seeds=(0, 1), alpha_grid=(0.5, 1.0), fashion_root=fashion_root)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------
+def run_detection_suite(plan: DetectionPlan, results: Path, jobs: int = 2, log=print) -> list[dict]:
+    """Teacher, tuning (seed 0, every weight of the grid), finals (every seed at the chosen weight) and
+    the bucket analysis; skips finished runs; writes the files of the module docstring, returns the rows."""
+    results.mkdir(parents=True, exist_ok=True)
+    with Runner(jobs, log, metric="test_AP") as runner:
+        return _run(plan, results, runner, log)
+
+
+def _run(plan: DetectionPlan, results: Path, runner: Runner, log) -> list[dict]:
+    runs_dir = results / "runs" / DATASET
+    data_root = str(runs_dir / "data")
+    recipe = plan.recipe
+    started = time.perf_counter()
+
+    def with_source(config: dict) -> dict:
+        if plan.fashion_root:
+            config["data"]["options"] = config["data"]["options"] | {"fashion_root": plan.fashion_root}
+        return config
+
+    teacher = with_source(teacher_config(recipe, data_root))
+    write_scenes(teacher)  # here, once: the parallel runs then only read them
+    weights = str(runs_dir / "teacher" / "model.safetensors")
+
+    def job(variant: Variant, scale: float, seed: int, phase: str) -> Job:
+        epochs = recipe.tune_epochs if phase == "tune" else None
+        name = variant.name if variant.method == "vanilla" else f"{variant.name}@{scale:g}"
+        config = with_source(student_config(recipe, variant, weights, seed, scale, epochs, data_root))
+        return Job((variant.name, scale, seed, phase), config, runs_dir / phase / _slug(name) / f"seed{seed}")
+
+    distilled = [v for v in plan.variants if v.method != "vanilla"]
+    # vanilla students need no teacher: they train beside it
+    first = runner.run([Job(("teacher", None, 0, "teacher"), teacher, runs_dir / "teacher")]
+                       + [job(v, 1.0, s, "final") for v in plan.variants if v.method == "vanilla" for s in plan.seeds],
+                       "teacher and vanilla students")
+    teachers = {k: v for k, v in first.items() if k[3] == "teacher"}
+    tuning = runner.run([job(v, a, plan.seeds[0], "tune") for v in distilled for a in plan.alpha_grid],
+                        "tuning (seed 0)")
+    chosen = {v.name: choose_scale(lambda a: tuning[v.name, a, plan.seeds[0], "tune"]["val_AP"], plan.alpha_grid)
+              for v in distilled}
+    final = {k: v for k, v in first.items() if k[3] == "final"} | runner.run(
+        [job(v, chosen[v.name], s, "final") for v in distilled for s in plan.seeds], "final seeds")
+
+    rows = []
+    for (name, scale, seed, phase), result in list(teachers.items()) + list(tuning.items()) + list(final.items()):
+        variant = next((v for v in plan.variants if v.name == name), None)
+        alpha = None if variant is None or variant.method == "vanilla" else variant.alpha * scale
+        rows.append({"variant": name, "seed": seed, "alpha": alpha, "phase": phase}
+                    | {ours: result.get(theirs) for ours, theirs in METRICS.items()}
+                    | {k: result[k] for k in ("seconds", "epochs", "run_dir")})
+    write_csv(rows, results / "detection.csv")
+    log("bucket analysis on RoI logits")
+    stats = bucket_stats(rows, runs_dir / "teacher")
+    from pcdistill.evidence.analysis import write_bucket_report
+    write_bucket_report(stats, [v.name for v in plan.variants], results / "detection_buckets",
+                        f"{DATASET} RoI logits (test split)",
+                        "Per sampled RoI of the test scenes (the student's proposals, 25% positive, scored by both "
+                        "networks), classes (background included) ranked by the teacher's probability")
+    seconds = time.perf_counter() - started
+    env = environment(seconds)
+    (results / "detection_environment.json").write_text(json.dumps(env, indent=2) + "\n")
+    (results / "detection.md").write_text(report(plan, rows, env))
+    return rows
+
+
+def write_scenes(config: dict) -> None:
+    """Write the scenes a run of ``config`` reads (nothing when they are already there)."""
+    from pcdistill.config import from_dict
+    from pcdistill.detection import build_detection_dataset
+    data = from_dict(config).data
+    build_detection_dataset(data.name, root=data.root, split="train", val_fraction=data.val_fraction,
+                            seed=data.split_seed, **data.options)
+
+
+CSV_FIELDS = ["variant", "seed", "alpha", "test_ap", "test_ap50", "test_ap75", "val_ap", "seconds", "phase", "epochs",
+              "run_dir"]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k) for k in CSV_FIELDS} for r in rows)
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a ``detection.csv``, numbers as numbers (empty cells as None)."""
+    def value(key: str, text: str):
+        if key in ("variant", "phase", "run_dir"):
+            return text
+        if text == "":
+            return None
+        return int(text) if key in ("seed", "epochs") else float(text)
+
+    with open(path) as f:
+        return [{k: value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# ----------------------------------------------------------------------------------------------
+# RoI-logit bucket analysis
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def paired_test_roi_logits(run_dir: Path, teacher_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher class logits (N, C + 1) on the RoIs the student samples from the test scenes
+    (its RPN proposals and the ground truth, 25% positive), row i of both describing the same box."""
+    from pcdistill.config import load_config
+    from pcdistill.detection import DetectionLoader, RoIDistiller, build_detection_dataset, create_detector
+    from pcdistill.engine.checkpoint import load_weights
+
+    cfg, teacher_cfg = load_config(run_dir / "config.yaml"), load_config(teacher_dir / "config.yaml")
+    test = build_detection_dataset(cfg.data.name, root=cfg.data.root, split="test", val_fraction=cfg.data.val_fraction,
+                                   seed=cfg.data.split_seed, **cfg.data.options)
+    classes = test.num_classes + 1
+    student = create_detector(cfg.model.name, classes, **cfg.model.options)
+    teacher = create_detector(teacher_cfg.model.name, classes, **teacher_cfg.model.options)
+    load_weights(student, run_dir / "model.safetensors")
+    load_weights(teacher, teacher_dir / "model.safetensors")
+    distiller = RoIDistiller(student, teacher).eval()
+    torch.manual_seed(0)  # the RoI sampler draws from the global RNG: the same boxes on every call
+    student_logits, teacher_logits = [], []
+    for images, targets in DetectionLoader(test, batch_size=8, train=False):
+        s, t, _, _ = distiller.roi_logits(images, targets)
+        student_logits.append(s)
+        teacher_logits.append(t)
+    return torch.cat(student_logits), torch.cat(teacher_logits)
+
+
+def bucket_stats(rows: list[dict], teacher_dir: Path) -> dict:
+    """{variant: {bucket: [(gap, kl) per final seed]}}; each run's gaps are cached in its ``roi_buckets.json``."""
+    from pcdistill.evidence.analysis import add_gaps, bucket_gaps
+    stats: dict = {}
+    for row in rows:
+        if row["phase"] != "final":
+            continue
+        cache = Path(row["run_dir"]) / "roi_buckets.json"
+        if not cache.exists():
+            cache.write_text(json.dumps(bucket_gaps(*paired_test_roi_logits(Path(row["run_dir"]), teacher_dir))))
+        add_gaps(stats, row["variant"], json.loads(cache.read_text()))
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+def _by_seed(rows: list[dict], variant: str, phase: str = "final") -> dict[int, dict]:
+    return {r["seed"]: r for r in rows if r["variant"] == variant and r["phase"] == phase}
+
+
+def _cell(values: list[float]) -> str:
+    m, sd = mean_std(values)
+    return f"{m:.2f} +- {sd:.2f}"
+
+
+def report(plan: DetectionPlan, rows: list[dict], env: dict) -> str:
+    recipe = plan.recipe
+    teacher = next(r for r in rows if r["phase"] == "teacher")
+    vanilla = _by_seed(rows, "vanilla")
+    lines = ["# Detection suite: fashion_scenes", "",
+             f"Final-epoch COCO AP (%) of Faster R-CNN on the test scenes (items from Fashion-MNIST's test images "
+             f"only), {len(plan.seeds)} seeds; alpha chosen per variant from {list(plan.alpha_grid)} x its published "
+             f"weight by the val AP of a seed-{plan.seeds[0]} run of {recipe.tune_epochs or recipe.epochs} epochs. "
+             f"{env['date']}, torch {env['torch']}, {env['cpu']} ({env['cores']} cores); "
+             f"{env['suite_wall_seconds_this_invocation'] / 60:.0f} min of wall time for this invocation.", "",
+             f"Teacher {recipe.teacher} (FPN {recipe.teacher_options.get('fpn_channels')}, box head "
+             f"{recipe.teacher_options.get('box_head_size')}, {recipe.teacher_epochs} epochs): test AP "
+             f"{teacher['test_ap']:.2f} (AP50 {teacher['test_ap50']:.2f}, AP75 {teacher['test_ap75']:.2f}), val AP "
+             f"{teacher['val_ap']:.2f}. Students {recipe.student} (FPN {recipe.student_options.get('fpn_channels')}, "
+             f"box head {recipe.student_options.get('box_head_size')}), {recipe.epochs} epochs, seeds {list(plan.seeds)}."]
+    if vanilla:
+        gap = teacher["test_ap"] - statistics.fmean(r["test_ap"] for r in vanilla.values())
+        lines.append(f"Teacher - vanilla student (mean): {gap:+.2f} AP.")
+    lines += ["", "| variant | alpha (chosen on val) | val AP | test AP (mean +- std) | AP50 | AP75 | test AP per seed |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    for variant in plan.variants:
+        final = _by_seed(rows, variant.name)
+        if not final:
+            continue
+        seeds = sorted(final)
+        alpha = final[seeds[0]]["alpha"]
+        lines.append(f"| {variant.name} | {'-' if alpha is None else f'{alpha:g}'} | "
+                     f"{statistics.fmean(final[s]['val_ap'] for s in seeds):.2f} | "
+                     f"{_cell([final[s]['test_ap'] for s in seeds])} | {_cell([final[s]['test_ap50'] for s in seeds])} | "
+                     f"{_cell([final[s]['test_ap75'] for s in seeds])} | "
+                     + ", ".join(f"{final[s]['test_ap']:.2f}" for s in seeds) + " |")
+    lines += ["", "## PCD against the baselines", "",
+              "Paired by seed; a difference wins or loses only when its 95% t-interval excludes 0.", "",
+              "| pcd - other | metric | mean difference (AP points) | 95% interval | verdict |", "|---|---|---:|---|---|"]
+    pcd = _by_seed(rows, "pcd")
+    for other in ("kd", "vanilla", "dkd", "pcd-released"):
+        for metric, label in (("test_ap", "AP"), ("test_ap50", "AP50")):
+            diff = difference_row(pcd, _by_seed(rows, other), metric)
+            if diff is not None:
+                mean, low, high, verdict = diff
+                lines.append(f"| pcd - {other} | {label} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {verdict} |")
+    lines += ["", "## Tuning (seed 0, val AP)", "",
+              "| variant | " + " | ".join(f"alpha x{a:g}" for a in plan.alpha_grid) + " | chosen alpha |",
+              "|---|" + "---:|" * (len(plan.alpha_grid) + 1)]
+    for variant in plan.variants:
+        tuned = {r["alpha"]: r["val_ap"] for r in rows if r["variant"] == variant.name and r["phase"] == "tune"}
+        if not tuned:
+            continue
+        final = _by_seed(rows, variant.name)
+        cells = [tuned.get(variant.alpha * a) for a in plan.alpha_grid]
+        chosen = final[min(final)]["alpha"] if final else None
+        lines.append(f"| {variant.name} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells)
+                     + f" | {'-' if chosen is None else f'{chosen:g}'} |")
+    return "\n".join(lines) + "\n"
