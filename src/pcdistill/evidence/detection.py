@@ -233,7 +233,7 @@ def paired_test_roi_logits(run_dir: Path, teacher_dir: Path) -> tuple[torch.Tens
     (its RPN proposals and the ground truth, 25% positive), row i of both describing the same box."""
     from pcdistill.config import load_config
     from pcdistill.detection import DetectionLoader, RoIDistiller, build_detection_dataset, create_detector
-    from pcdistill.engine.checkpoint import load_weights
+    from pcdistill.models.weights import load_weights
 
     cfg, teacher_cfg = load_config(run_dir / "config.yaml"), load_config(teacher_dir / "config.yaml")
     test = build_detection_dataset(cfg.data.name, root=cfg.data.root, split="test", val_fraction=cfg.data.val_fraction,
