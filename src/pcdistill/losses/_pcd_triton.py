@@ -104,6 +104,16 @@ def _scaled(s, t, temperature, IS64: tl.constexpr):
 
 
 @triton.jit
+def _block(s_ptr, t_ptr, row, cols, C, temperature, mean_s, mean_t, tau, slots, seen, RANK: tl.constexpr,
+           IS64: tl.constexpr, ATOMS: tl.constexpr):
+    """One block of a row after the selection: scaled logits, masks, each class's atom, the tie count."""
+    s, t = _load(s_ptr, t_ptr, row, cols, C)
+    a, b, live, t_ok = _scaled(s, t, temperature, IS64)
+    atom, seen = _atoms(_ordered_key(s, t, cols, mean_s, mean_t, RANK, IS64), live, tau, slots, seen, ATOMS)
+    return a, b, live, t_ok, atom, seen
+
+
+@triton.jit
 def _atom_max(hit, x):
     return tl.max(tl.where(hit, x[None, :], float("-inf")), axis=1)
 
@@ -190,9 +200,8 @@ def _forward_kernel(s_ptr, t_ptr, C, params_ptr, table_ptr, n_ptr, flags_ptr, me
     seen = tl.zeros([NBP], tl.int32)
     for start in range(0, C, BLOCK):
         cols = start + lanes
-        s, t = _load(s_ptr, t_ptr, row, cols, C)
-        a, b, live, t_ok = _scaled(s, t, temperature, IS64)
-        atom, seen = _atoms(_ordered_key(s, t, cols, mean_s, mean_t, RANK, IS64), live, tau, slots, seen, ATOMS)
+        a, b, live, t_ok, atom, seen = _block(s_ptr, t_ptr, row, cols, C, temperature, mean_s, mean_t, tau, slots,
+                                              seen, RANK, IS64, ATOMS)
         hit = atom[None, :] == atom_ids[:, None]
         m_s = tl.maximum(m_s, _atom_max(hit, tl.where(live, a, float("-inf"))))
         m_t = tl.maximum(m_t, _atom_max(hit, b))
@@ -212,9 +221,8 @@ def _forward_kernel(s_ptr, t_ptr, C, params_ptr, table_ptr, n_ptr, flags_ptr, me
     seen = tl.zeros([NBP], tl.int32)
     for start in range(0, C, BLOCK):
         cols = start + lanes
-        s, t = _load(s_ptr, t_ptr, row, cols, C)
-        a, b, live, t_ok = _scaled(s, t, temperature, IS64)
-        atom, seen = _atoms(_ordered_key(s, t, cols, mean_s, mean_t, RANK, IS64), live, tau, slots, seen, ATOMS)
+        a, b, live, t_ok, atom, seen = _block(s_ptr, t_ptr, row, cols, C, temperature, mean_s, mean_t, tau, slots,
+                                              seen, RANK, IS64, ATOMS)
         hit = atom[None, :] == atom_ids[:, None]
         u = tl.where(live, a - _pick(hit, m_s), 0.0)
         e_s = tl.where(live, tl.exp(u), 0.0)
@@ -256,9 +264,8 @@ def _grad_kernel(s_ptr, t_ptr, grad_ptr, C, R, params_ptr, flags_ptr, means_ptr,
     stride = R * (ATOMS + 1)  # between the four coefficient planes
     for start in range(0, C, BLOCK):
         cols = start + lanes
-        s, t = _load(s_ptr, t_ptr, row, cols, C)
-        a, b, live, t_ok = _scaled(s, t, temperature, IS64)
-        atom, seen = _atoms(_ordered_key(s, t, cols, mean_s, mean_t, RANK, IS64), live, tau, slots, seen, ATOMS)
+        a, b, live, t_ok, atom, seen = _block(s_ptr, t_ptr, row, cols, C, temperature, mean_s, mean_t, tau, slots,
+                                              seen, RANK, IS64, ATOMS)
         u = tl.where(live, a - tl.load(max_ptr + row * 2 * AP + atom), 0.0)
         e_s = tl.where(live, tl.exp(u), 0.0)
         e_t = tl.where(t_ok, tl.exp(b - tl.load(max_ptr + row * 2 * AP + AP + atom)), 0.0)
