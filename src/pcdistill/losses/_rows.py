@@ -77,6 +77,17 @@ def standardize_backward(x: torch.Tensor, grad_z: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, out, 0.0)
 
 
+def prepared_chunks(student, teacher, valid, class_mask, dtype: torch.dtype, work_arrays: int):
+    """``(start, stop, s, t)`` for each chunk of rows that fits the budget, prepared by :func:`prepare_rows`."""
+    rows, num_classes = student.shape
+    step = chunk_rows(rows, num_classes, dtype, work_arrays)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        keep = None if valid is None else valid[start:stop]
+        s, t = prepare_rows(student[start:stop], teacher[start:stop], keep, class_mask, dtype)
+        yield start, stop, s, t
+
+
 class RowLoss(torch.autograd.Function):
     """Per-row losses of ``fn`` over ``(N, C)`` logits, chunk by chunk; gradients to the student only.
 
@@ -87,23 +98,18 @@ class RowLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, fn: RowFn, work_arrays: int, dtype, valid, class_mask,
                 standardize: bool, *extra):
-        rows, num_classes = student.shape
         want_grad = ctx.needs_input_grad[0]
-        step = chunk_rows(rows, num_classes, dtype, work_arrays)
-        out = torch.empty(rows, dtype=dtype, device=student.device)
+        out = torch.empty(student.shape[0], dtype=dtype, device=student.device)
         grad = torch.empty_like(student) if want_grad else None
-        for start in range(0, rows, step):
-            stop = min(start + step, rows)
-            keep = None if valid is None else valid[start:stop]
-            s, t = prepare_rows(student[start:stop], teacher[start:stop], keep, class_mask, dtype)
+        for start, stop, s, t in prepared_chunks(student, teacher, valid, class_mask, dtype, work_arrays):
             z_s, z_t = (masked_standardize(s), masked_standardize(t)) if standardize else (s, t)
             loss, g = fn(z_s, z_t, tuple(x[start:stop] for x in extra), want_grad)
             out[start:stop] = loss
             if want_grad:
                 if standardize:
                     g = standardize_backward(s, g)
-                if keep is not None:
-                    g = torch.where(keep.unsqueeze(-1), g, 0.0)
+                if valid is not None:
+                    g = torch.where(valid[start:stop, None], g, 0.0)
                 grad[start:stop] = g
         if want_grad:
             ctx.save_for_backward(grad)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from ._common import (REDUCTIONS, LossModule, check_choice, check_class_mask, check_logits, check_positive_finite,
-                      check_real, check_valid, compute_dtype, flat_rows, log_softmax_rows, prepare_rows, reduce_rows)
-from ._rows import chunk_rows
+                      check_real, check_valid, compute_dtype, flat_rows, log_softmax_rows, reduce_rows)
+from ._rows import prepared_chunks
 
 PEARSON_EPS = 1e-8
 WORK_ARRAYS = 12
@@ -37,13 +37,11 @@ class _DIST(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, valid, class_mask, temperature, beta, gamma, dtype):
         rows, num_classes = student.shape
-        step = chunk_rows(rows, num_classes, dtype, WORK_ARRAYS)
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         sums = torch.zeros(6, num_classes, dtype=acc, device=student.device)  # m, S_s, S_t, S_ss, S_tt, S_st
         inter = torch.empty(rows, dtype=dtype, device=student.device)
-        for start in range(0, rows, step):
-            p_s, p_t, live, keep = _chunk(student, teacher, valid, class_mask, temperature, dtype, start, step)
-            inter[start:stop_of(start, step, rows)] = _row_pearson(p_s, p_t, live)[0]
+        for start, stop, p_s, p_t, live, keep in _chunks(student, teacher, valid, class_mask, temperature, dtype):
+            inter[start:stop] = _row_pearson(p_s, p_t, live)[0]
             w = (live & keep.unsqueeze(-1)).to(acc)
             ps, pt = p_s.to(acc) * w, p_t.to(acc) * w
             sums += torch.stack([w.sum(0), ps.sum(0), pt.sum(0), (ps * ps).sum(0), (pt * pt).sum(0),
@@ -59,13 +57,9 @@ class _DIST(torch.autograd.Function):
     def backward(ctx, grad_rows):
         student, teacher, valid, class_mask, mu_s, mu_t, a_coef, b_coef, _ = ctx.saved_tensors
         temperature, beta, gamma, dtype = ctx.options
-        rows, num_classes = student.shape
-        step = chunk_rows(rows, num_classes, dtype, WORK_ARRAYS)
         total = grad_rows.sum()
         grad = torch.empty_like(student)
-        for start in range(0, rows, step):
-            stop = stop_of(start, step, rows)
-            p_s, p_t, live, keep = _chunk(student, teacher, valid, class_mask, temperature, dtype, start, step)
+        for start, stop, p_s, p_t, live, keep in _chunks(student, teacher, valid, class_mask, temperature, dtype):
             _, ca, cb, na, nb, denom, cov = _row_pearson(p_s, p_t, live)
             d_row = cb / denom - cov * nb * ca / (na.clamp_min(torch.finfo(na.dtype).tiny) * denom**2)
             d_col = a_coef.to(dtype) * (p_t - mu_t.to(dtype)) - b_coef.to(dtype) * (p_s - mu_s.to(dtype))
@@ -77,16 +71,12 @@ class _DIST(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
-def stop_of(start: int, step: int, rows: int) -> int:
-    return min(start + step, rows)
-
-
-def _chunk(student, teacher, valid, class_mask, temperature, dtype, start, step):
-    stop = stop_of(start, step, student.shape[0])
-    keep = valid[start:stop]
-    s, t = prepare_rows(student[start:stop], teacher[start:stop], keep, class_mask, dtype)
-    live = ~(torch.isneginf(s) & torch.isneginf(t))
-    return log_softmax_rows(s / temperature).exp(), log_softmax_rows(t / temperature).exp(), live, keep
+def _chunks(student, teacher, valid, class_mask, temperature, dtype):
+    """Per chunk: its rows, both predictions ``softmax(z / T)``, the live classes and the valid rows."""
+    for start, stop, s, t in prepared_chunks(student, teacher, valid, class_mask, dtype, WORK_ARRAYS):
+        live = ~(torch.isneginf(s) & torch.isneginf(t))
+        p_s, p_t = log_softmax_rows(s / temperature).exp(), log_softmax_rows(t / temperature).exp()
+        yield start, stop, p_s, p_t, live, valid[start:stop]
 
 
 def _column_stats(sums: torch.Tensor):

@@ -13,9 +13,9 @@ import torch
 
 from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_class_mask, check_logits,
                       check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows,
-                      masked_standardize, prepare_rows, reduce_rows, xlogy_diff)
+                      masked_standardize, reduce_rows, xlogy_diff)
 from ._pcd_rows import COS_EPS, WORK_ARRAYS, pcd_rows
-from ._rows import chunk_rows, row_losses, standardize_backward
+from ._rows import prepared_chunks, row_losses, standardize_backward
 
 SCHEDULES = ("joint", "curriculum")
 RANK_BY = ("abs_diff", "teacher", "none")
@@ -34,6 +34,9 @@ def stage_sequence(stages: int, schedule: str, progress: float | None) -> tuple[
     phases = list(range(stages, 0, -1)) + list(range(1, stages + 1))
     phase = min(int(math.floor(progress * 2 * stages)), 2 * stages - 1)
     return [phases[phase]], 2.0 * stages
+
+
+RELEASED_WORK_ARRAYS = 16
 
 
 def released_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
@@ -67,7 +70,9 @@ class _ReleasedRows(torch.autograd.Function):
         rows, num_classes = student.shape
         kl = torch.empty(rows, dtype=dtype, device=student.device)
         weight = torch.empty_like(kl)
-        for start, stop, s, t in _released_chunks(student, teacher, valid, class_mask, standardize, dtype):
+        for start, stop, s, t in prepared_chunks(student, teacher, valid, class_mask, dtype, RELEASED_WORK_ARRAYS):
+            if standardize:
+                s, t = masked_standardize(s), masked_standardize(t)
             kl[start:stop], weight[start:stop], _, _ = released_rows(s, t, temperature, False)
         ctx.save_for_backward(student, teacher, valid, class_mask)
         ctx.options = (standardize, temperature, dtype)
@@ -78,7 +83,7 @@ class _ReleasedRows(torch.autograd.Function):
         student, teacher, valid, class_mask = ctx.saved_tensors
         standardize, temperature, dtype = ctx.options
         grad = torch.empty_like(student)
-        for start, stop, s, t in _released_chunks(student, teacher, valid, class_mask, False, dtype):
+        for start, stop, s, t in prepared_chunks(student, teacher, valid, class_mask, dtype, RELEASED_WORK_ARRAYS):
             z_s, z_t = (masked_standardize(s), masked_standardize(t)) if standardize else (s, t)
             _, _, d_kl, d_weight = released_rows(z_s, z_t, temperature, True)
             g = grad_kl[start:stop, None] * d_kl + grad_weight[start:stop, None] * d_weight
@@ -86,17 +91,6 @@ class _ReleasedRows(torch.autograd.Function):
                 g = standardize_backward(s, g)
             grad[start:stop] = torch.where(valid[start:stop, None], g, 0.0)
         return grad, None, None, None, None, None, None
-
-
-def _released_chunks(student, teacher, valid, class_mask, standardize, dtype):
-    rows, num_classes = student.shape
-    step = chunk_rows(rows, num_classes, dtype, 16)
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        s, t = prepare_rows(student[start:stop], teacher[start:stop], valid[start:stop], class_mask, dtype)
-        if standardize:
-            s, t = masked_standardize(s), masked_standardize(t)
-        yield start, stop, s, t
 
 
 def _released_loss(s, t, valid, class_mask, standardize, temperature, stages, mask, reduction, leading):
