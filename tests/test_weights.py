@@ -555,7 +555,7 @@ def test_timm_pretrained_is_timms_own_loading(monkeypatch):
 def test_timm_pretrained_teacher_must_match_the_classes(monkeypatch):
     timm = pytest.importorskip("timm")
     from pcdistill.config import ConfigError, from_dict
-    from pcdistill.engine.tasks import load_teacher
+    from pcdistill.tasks.base import load_teacher
     built = []
     cfg = from_dict(digits_config(teacher={"name": "timm/resnet50", "options": {"pretrained": True}},
                                   distill={"method": "kd", "loss": {}}))
@@ -595,7 +595,7 @@ def test_list_shows_timm_entries():
 def test_model_weights_initialise_the_student(tmp_path):
     from pcdistill.config import from_dict
     from pcdistill.engine import distributed
-    from pcdistill.engine.tasks import build_task
+    from pcdistill.tasks import build_task
     source = randomize(create("cnn_tiny", num_classes=10, in_channels=1), seed=7)
     torch.save({"net": source.state_dict()}, tmp_path / "init.pth")
     cfg = from_dict(digits_config(model={"name": "cnn_tiny", "weights": str(tmp_path / "init.pth")}))
@@ -666,7 +666,7 @@ def test_teacher_from_a_foreign_checkpoint_through_a_config(tmp_path):
     ref = randomize(REFERENCE["resnet8"](10), seed=12)
     ckpt = save_crd_checkpoint(ref, tmp_path / "t.pth")
     from pcdistill.config import from_dict
-    from pcdistill.engine.tasks import load_teacher
+    from pcdistill.tasks.base import load_teacher
     cfg = from_dict(digits_config(teacher={"name": "resnet8", "weights": str(ckpt)},
                                   distill={"method": "kd", "loss": {"temperature": 4.0}}))
     teacher = load_teacher(cfg, 10, lambda: create("resnet8", num_classes=10))

@@ -9,6 +9,6 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # imported on first use: `import pcdistill` (and `pcdistill --version`) stays free of torch
     if name == "load_model":
-        from pcdistill.engine.checkpoint import load_model
+        from pcdistill.models.loading import load_model
         return load_model
     raise AttributeError(f"module 'pcdistill' has no attribute {name!r}")

@@ -25,6 +25,16 @@ class Context:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    # the collectives a task needs, so that tasks use the context they are given and import no engine module
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(values, self)
+
+    def gather_objects(self, obj) -> list:
+        return gather_objects(obj, self)
+
+    def barrier(self) -> None:
+        barrier(self)
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

@@ -32,7 +32,7 @@ from pcdistill.config import Config, ConfigError, from_dict, resolve_paths, resu
 from pcdistill.engine import distributed
 from pcdistill.engine.checkpoint import export_weights, load_checkpoint, save_checkpoint
 from pcdistill.engine.records import RunRecords, read_metrics
-from pcdistill.engine.tasks import build_task
+from pcdistill.tasks import build_task
 
 
 class NonFiniteLossError(RuntimeError):
@@ -183,7 +183,7 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dic
         if ctx.is_main:
             print(f"the run in {out_dir} already finished ({epochs} epochs, {step} steps); extend it with "
                   f"`pcdistill train --resume {out_dir} trainer.epochs=N` (N > {epochs})")
-        return _summary(out_dir, task.headline, 0.0, student)
+        return _summary(out_dir, task, 0.0, student)
 
     train_module = module
     if ctx.distributed:
@@ -290,9 +290,11 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dic
 
     if ctx.is_main:
         export_weights(student, out_dir / "model.safetensors", task.metadata | {"pcdistill": __version__})
+        if task.export is not None:
+            task.export(student, out_dir)
     records.close()
     distributed.barrier(ctx)
-    return _summary(out_dir, task.headline, time.perf_counter() - run_start, student)
+    return _summary(out_dir, task, time.perf_counter() - run_start, student)
 
 
 def _non_finite_message(cfg: Config, out_dir: Path, losses: dict, epoch: int, batch: int, steps_this_epoch: int,
@@ -333,15 +335,15 @@ def evaluate_weights(cfg: Config, weights: str | Path, splits=("val", "test")) -
         distributed.teardown(ctx)
 
 
-def _summary(out_dir: Path, headline: str, seconds: float, student: nn.Module | None = None) -> Summary:
+def _summary(out_dir: Path, task, seconds: float, student: nn.Module | None = None) -> Summary:
     rows = read_metrics(out_dir)
     final = {k: v for k, v in (rows[-1] if rows else {}).items() if k.startswith(("val_", "test_"))}
     best = {}
     for key in final:
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
         if values:
-            best[key] = max(values)
-    return Summary(out_dir, headline, final, best, len(rows), seconds, student)
+            best[key] = min(values) if key.split("_", 1)[1] in task.lower_is_better else max(values)
+    return Summary(out_dir, task.headline, final, best, len(rows), seconds, student)
 
 
 def format_summary(summary: Summary) -> str:

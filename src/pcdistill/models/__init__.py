@@ -9,7 +9,11 @@ Every model maps images to logits of shape (B, num_classes). `weights=` takes a 
 a torch checkpoint (see `pcdistill.models.weights`); CIFAR networks also read the CRD/mdistiller
 zoo's key names.
 """
-from pcdistill.models.registry import create, list_models, register_model
+from pathlib import Path
+
+from torch import nn
+
+from pcdistill.models.registry import build, list_models, register_model
 from pcdistill.models.timm_models import list_timm_models
 from pcdistill.models.weights import load_weights, read_state_dict
 
@@ -24,5 +28,20 @@ from pcdistill.models.cifar import (  # noqa: F401
     vgg,
     wrn,
 )
+
+
+
+def create(name: str, num_classes: int, in_channels: int | None = None, weights: str | Path | None = None,
+           **kwargs) -> nn.Module:
+    """Build model `name` with `num_classes` logits; `in_channels=None` keeps its natural default.
+
+    `name` is a registered model or `timm/<any timm model>`; `weights` is a file for
+    :func:`pcdistill.models.weights.load_weights` (safetensors or a torch checkpoint), loaded strictly.
+    """
+    model = build(name, num_classes, in_channels, **kwargs)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
 
 __all__ = ["create", "list_models", "list_timm_models", "load_weights", "read_state_dict", "register_model"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import numbers
-from pathlib import Path
 from typing import Callable
 
 from torch import nn
@@ -41,13 +40,9 @@ def list_models(pattern: str | None = None) -> list[str]:
     return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
-def create(name: str, num_classes: int, in_channels: int | None = None, weights: str | Path | None = None,
-           **kwargs) -> nn.Module:
-    """Build model `name` with `num_classes` logits; `in_channels=None` keeps its natural default.
-
-    `name` is a registered model or `timm/<any timm model>`; `weights` is a file for
-    :func:`pcdistill.models.weights.load_weights` (safetensors or a torch checkpoint), loaded strictly.
-    """
+def build(name: str, num_classes: int, in_channels: int | None = None, **kwargs) -> nn.Module:
+    """Model `name` (registered, or `timm/<any timm model>`) with `num_classes` logits, freshly initialised;
+    :func:`pcdistill.models.create` adds the weights."""
     num_classes = _check_int("num_classes", num_classes, minimum=2)
     if in_channels is not None:
         in_channels = _check_int("in_channels", in_channels, minimum=1)
@@ -59,9 +54,6 @@ def create(name: str, num_classes: int, in_channels: int | None = None, weights:
         if in_channels is not None:
             kwargs["in_channels"] = in_channels
         model = factory(num_classes=num_classes, **kwargs)
-    if weights is not None:
-        from pcdistill.models.weights import load_weights  # it imports the CIFAR zoo, which imports us
-        load_weights(model, weights)
     return model
 
 

@@ -11,9 +11,8 @@ from pcdistill.detection.coco import DetectionLoader, build_detection_dataset
 from pcdistill.detection.distill import RoIDistiller
 from pcdistill.detection.evaluate import coco_evaluate
 from pcdistill.detection.models import create_detector
-from pcdistill.engine import distributed
-from pcdistill.engine.tasks import Task, check_loss_fits, load_teacher
 from pcdistill.losses import build_loss
+from pcdistill.tasks.base import Task, check_loss_fits, load_teacher
 
 
 def _detector(section: str, name: str, num_classes: int, options: dict):
@@ -23,7 +22,7 @@ def _detector(section: str, name: str, num_classes: int, options: dict):
         raise ConfigError(f"{section}: {err} (see `pcdistill list detectors`)") from None
 
 
-def detection_task(cfg: Config, ctx: distributed.Context) -> Task:
+def build(cfg: Config, ctx) -> Task:
     def split(name: str):
         return build_detection_dataset(cfg.data.name, root=cfg.data.root, split=name,
                                        val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed,
@@ -32,7 +31,7 @@ def detection_task(cfg: Config, ctx: distributed.Context) -> Task:
     try:
         if ctx.is_main:  # a generated dataset (shapes) is written once, by rank 0
             split("train")
-        distributed.barrier(ctx)
+        ctx.barrier()
         train, val, test = split("train"), split("val"), split("test")
     except ValueError as err:  # unknown dataset or option
         if isinstance(err, DatasetError):
@@ -61,7 +60,7 @@ def detection_task(cfg: Config, ctx: distributed.Context) -> Task:
                     for name, ds in (("val", val), ("test", test)) if len(ds)}
 
     def evaluate(net, loader) -> dict[str, float]:
-        return coco_evaluate(net, loader, gather=lambda predictions: distributed.gather_objects(predictions, ctx))
+        return coco_evaluate(net, loader, gather=ctx.gather_objects)
 
     metadata = {"task": "detection", "model": cfg.model.name, "model_options": cfg.model.options,
                 "num_classes": num_classes, "dataset": cfg.data.name,

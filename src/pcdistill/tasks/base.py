@@ -1,25 +1,22 @@
-"""What the trainer trains: built from a config into a module, loaders, an evaluator and the network to export.
+"""The protocol between a task and the trainer, and the helpers the tasks share.
 
-The trainer only sums the named losses a task's module returns and asks the task for metrics; the
-methods live in :mod:`pcdistill.losses` and :class:`pcdistill.distiller.Distiller`.
+A task turns a config into a :class:`Task`: the module to train, the network to export, loaders, an
+evaluator. The trainer only sums the named losses the module returns and asks the task for metrics.
+Collectives go through the ``ctx`` a task is given (``ctx.all_reduce_sum``, ``ctx.gather_objects``,
+``ctx.barrier``), so no task imports the engine.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
-from pcdistill import data as data_lib
 from pcdistill import models
 from pcdistill.config import Config, ConfigError
-from pcdistill.data.base import stratified_carve
-from pcdistill.distiller import Distiller
-from pcdistill.engine import distributed
 from pcdistill.models.timm_models import is_timm_name, pretrained_num_classes
 from pcdistill.models.weights import load_weights, read_metadata, resolve_weights
-from pcdistill.losses import build_loss
 
 
 @dataclass
@@ -29,8 +26,10 @@ class Task:
     train_loader: Any
     eval_loaders: dict[str, Any]  # split name -> loader; empty splits are left out
     evaluate: Callable[[nn.Module, Any], dict[str, float]]
-    headline: str  # the metric the summary reports: "acc" (top-1 %) or "AP"
+    headline: str  # the metric the summary reports: "acc" (top-1 %), "AP", "ppl"
     metadata: dict[str, object] = field(default_factory=dict)  # written into model.safetensors
+    lower_is_better: tuple[str, ...] = ()  # metrics whose best over epochs is the smallest (e.g. "ppl")
+    export: Callable[[nn.Module, Path], None] | None = None  # extra files for the run folder at the end
 
 
 def create_model(section: str, name: str, shape, options: dict) -> nn.Module:
@@ -98,61 +97,3 @@ def check_loss_fits(cfg: Config, num_classes: int) -> None:
         raise ConfigError(f"distill.loss.stages={stages} exceeds the {num_classes} classes of the logits "
                           f"(dataset {cfg.data.name!r}); each stage splits the classes into that many groups, "
                           f"so stages must lie in [1, {num_classes}]")
-
-
-def classification_task(cfg: Config, ctx: distributed.Context) -> Task:
-    splits = data_lib.build(cfg.data.name, root=cfg.data.root, val_fraction=cfg.data.val_fraction,
-                            seed=cfg.data.split_seed, **cfg.data.options)
-    info = splits.info
-    train_split = splits.train
-    if cfg.data.train_samples is not None and cfg.data.train_samples < len(train_split):
-        # a stratified, seeded subset: the same samples for every training seed and method
-        keep = stratified_carve(train_split.targets, cfg.data.train_samples / len(train_split), cfg.data.split_seed)[1]
-        train_split = train_split.subset(keep)
-    check_loss_fits(cfg, info.num_classes)
-    student = create_model("model", cfg.model.name, info, cfg.model.options)
-    if cfg.model.weights:
-        try:
-            load_weights(student, cfg.model.weights)
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError(f"model.weights: {err}") from None
-    teacher = load_teacher(cfg, info.num_classes,
-                           lambda: create_model("teacher", cfg.teacher.name, info, cfg.teacher.options))
-    loss = build_loss(cfg.distill.method, **cfg.distill.loss)
-    module = Distiller(student, teacher, loss, ce_weight=cfg.distill.ce_weight, alpha=cfg.distill.alpha,
-                       warmup_epochs=cfg.distill.warmup_epochs)
-    common = dict(seed=cfg.trainer.seed, rank=ctx.rank, world_size=ctx.world_size,
-                  num_workers=cfg.trainer.num_workers, device=ctx.device)
-    eval_batch = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
-    train_loader = data_lib.make_loader(train_split, batch_size=cfg.trainer.batch_size, train=True,
-                                        augment=cfg.data.augment, **common)
-    if len(train_loader) == 0:
-        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} leaves no full batch: the train split "
-                          f"of {cfg.data.name!r} has {len(train_split)} samples over {ctx.world_size} process(es)")
-    eval_loaders = {name: data_lib.make_loader(split, batch_size=eval_batch, train=False, **common)
-                    for name, split in (("val", splits.val), ("test", splits.test)) if len(split)}
-
-    def evaluate(net: nn.Module, loader) -> dict[str, float]:
-        counts = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # top-1, top-5, total
-        k = min(5, info.num_classes)
-        for images, targets in loader:
-            logits = net(images)
-            top = logits.topk(k, dim=-1).indices
-            hits = top == targets.unsqueeze(-1)
-            counts[0] += hits[:, 0].sum()
-            counts[1] += hits.any(dim=-1).sum()
-            counts[2] += targets.numel()
-        counts = distributed.all_reduce_sum(counts, ctx)
-        total = max(counts[2].item(), 1.0)
-        return {"acc": 100.0 * counts[0].item() / total, "top5": 100.0 * counts[1].item() / total}
-
-    metadata = {"model": cfg.model.name, "model_options": cfg.model.options, "num_classes": info.num_classes,
-                "in_channels": info.in_channels, "dataset": cfg.data.name}
-    return Task(module, student, train_loader, eval_loaders, evaluate, "acc", metadata)
-
-
-def build_task(cfg: Config, ctx: distributed.Context) -> Task:
-    if cfg.task == "detection":
-        from pcdistill.detection.task import detection_task  # imported lazily: pycocotools, torchvision ops
-        return detection_task(cfg, ctx)
-    return classification_task(cfg, ctx)

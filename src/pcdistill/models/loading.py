@@ -1,0 +1,34 @@
+"""Rebuild a trained network from a ``pcdistill train`` weights file alone (its metadata names the model)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from pcdistill.models.registry import build as create
+from pcdistill.models.weights import is_safetensors, load_weights, read_metadata, resolve_weights
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """The network a ``pcdistill train`` run trained, rebuilt from its weights file and loaded, in eval mode.
+
+    ``path`` is a run folder or its ``model.safetensors``; the model name, options and class count come
+    from the file's metadata, so no config is needed. Use it as the teacher of your own loop.
+    """
+    path = resolve_weights(path)
+    if not is_safetensors(path):
+        raise ValueError(f"{str(path)!r} is not a safetensors file written by `pcdistill train` (a .pt file is a "
+                         f"training checkpoint); pass the run folder or its model.safetensors")
+    meta = read_metadata(path)
+    if "model" not in meta or "num_classes" not in meta:
+        raise ValueError(f"weights file {str(path)!r} has no model metadata (model, num_classes); it was not "
+                         f"written by `pcdistill train`: build the model yourself and use load_weights")
+    options = dict(meta.get("model_options") or {})
+    if meta.get("task") == "detection":
+        from pcdistill.detection.models import create_detector
+        net = create_detector(meta["model"], meta["num_classes"], **options)
+    else:
+        net = create(meta["model"], num_classes=meta["num_classes"], in_channels=meta.get("in_channels"),
+                            **options)
+    load_weights(net, path)
+    return net.eval()
