@@ -198,6 +198,8 @@ def test_text_bad_globs_and_options(tmp_path):
         build_corpus("text", files=[str(tmp_path / "missing.txt")])
     with pytest.raises(DatasetError, match="non-empty list of globs"):
         build_corpus("text", files=str(tmp_path / "a.txt"))
+    with pytest.raises(DatasetError, match="non-empty list of globs"):
+        build_corpus("text", files=[3])
     inside = tmp_path / "root"
     inside.mkdir()
     outside = bad(tmp_path, "out.txt", b"text")

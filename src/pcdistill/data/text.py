@@ -205,7 +205,7 @@ def _decode(path: Path, data: bytes) -> str:
 
 def _matched_files(files: list[str], root: Path) -> list[Path]:
     """The files the globs match (recursive `**`), in glob order, duplicates dropped."""
-    if isinstance(files, str) or not files:
+    if isinstance(files, str) or not files or not all(isinstance(f, str) for f in files):
         raise DatasetError(f"corpus 'text' needs files: a non-empty list of globs of .txt/.jsonl files, got {files!r}")
     seen: dict[Path, None] = {}
     for pattern in files:
