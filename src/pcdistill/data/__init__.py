@@ -9,6 +9,7 @@
 Registered datasets: digits, mnist, fashion_mnist, fashion_mnist_pairs, cifar10, cifar100,
 imagefolder (see their modules for file formats and sources). Missing or malformed data raises
 `DatasetError` (a ValueError) saying what is wrong, where, and how to obtain the data.
+Text corpora for language models (python_stdlib, text) are in `pcdistill.data.text` (`build_corpus`).
 """
 from pcdistill.data import cifar, digits, idx, imagefolder, pairs  # noqa: F401  (register the datasets)
 from pcdistill.data.base import DataInfo, DatasetError, Splits, build, list_datasets, register_dataset

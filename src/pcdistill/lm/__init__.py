@@ -1,0 +1,1 @@
+"""Language-model distillation: tokenizers, token data, causal-LM students and teachers."""
