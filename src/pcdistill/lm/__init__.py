@@ -1,0 +1,1 @@
+"""Language models: Hugging Face causal LMs, their data and their distillation."""
