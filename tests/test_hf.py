@@ -125,6 +125,14 @@ def test_trainer_runs_logs_the_parts_and_leaves_the_teacher_alone(tmp_path):
     for key, value in teacher.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not teacher.training and all(p.grad is None for p in teacher.parameters())
+    assert torch.isfinite(torch.tensor(trainer.evaluate(dataset(4))["eval_loss"]))
+
+
+def test_trainer_runs_under_bf16_autocast(tmp_path):
+    trainer = trainer_for(tmp_path, max_steps=1, bf16=True)
+    trainer.train()
+    entry = trainer.state.log_history[0]
+    assert torch.isfinite(torch.tensor([entry["loss"], entry["ce_loss"], entry["pcd_loss"]])).all()
 
 
 def test_gradient_accumulation_gives_the_large_batch_step(tmp_path):

@@ -183,3 +183,24 @@ def test_bad_batch_shapes_are_named():
     distiller = CausalLMDistiller(tiny_lm(), loss="vanilla")
     with pytest.raises(ValueError, match=r"\(batch, length >= 2\); got \(2, 5\) and \(2, 4\)"):
         distiller(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_fsdp2_sharded_student_falls_back_to_materialized_logits(tmp_path, monkeypatch):
+    from torch.distributed.fsdp import fully_shard
+
+    monkeypatch.setattr(lm_distill, "_WARNED", set())
+    student, teacher = tiny_lm(), tiny_lm(vocab=V_T, seed=1)
+    ids, labels, mask = batch()
+    unsharded = CausalLMDistiller(student, teacher, loss="kd")(ids, labels, attention_mask=mask)[1]
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for layer in student.model.layers:
+            fully_shard(layer)
+        fully_shard(student)
+        with pytest.warns(UserWarning, match="sharded by FSDP"):
+            sharded = CausalLMDistiller(student, teacher, loss="kd")(ids, labels, attention_mask=mask)[1]
+    finally:
+        torch.distributed.destroy_process_group()
+    for name in unsharded:
+        torch.testing.assert_close(sharded[name], unsharded[name], rtol=1e-5, atol=1e-6)
