@@ -204,3 +204,23 @@ def test_fsdp2_sharded_student_falls_back_to_materialized_logits(tmp_path, monke
         torch.distributed.destroy_process_group()
     for name in unsharded:
         torch.testing.assert_close(sharded[name], unsharded[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_a_ddp_wrapped_student_takes_the_fused_path_through_its_forward(tmp_path):
+    student, teacher = tiny_lm(), tiny_lm(vocab=V_T, seed=1)
+    ids, labels, mask = batch()
+    distiller = CausalLMDistiller(student, teacher, loss="pcd", fused="always")
+    want = torch.autograd.grad(sum(distiller.losses(student, ids, labels, attention_mask=mask).values()),
+                               list(student.parameters()))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(student)
+        calls = []
+        wrapped.register_forward_hook(lambda *_: calls.append(1))
+        sum(distiller.losses(wrapped, ids, labels, attention_mask=mask).values()).backward()
+    finally:
+        torch.distributed.destroy_process_group()
+    assert calls == [1]
+    for p, w in zip(student.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)

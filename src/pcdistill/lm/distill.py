@@ -65,7 +65,7 @@ def materialized_distill_loss(student_logits: torch.Tensor, teacher_logits: torc
 def _warn_once(key: str, message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=4)  # points at the caller of losses()
 
 
 class CausalLMDistiller(nn.Module):
