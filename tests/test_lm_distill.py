@@ -224,3 +224,15 @@ def test_a_ddp_wrapped_student_takes_the_fused_path_through_its_forward(tmp_path
     assert calls == [1]
     for p, w in zip(student.parameters(), want):
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)
+
+
+def test_no_counted_token_gives_zero_with_gradient():
+    student, teacher = tiny_lm(), tiny_lm(vocab=V_T, seed=1)
+    ids = torch.randint(0, V_S, (2, 5))
+    labels = torch.full_like(ids, -100)
+    for num_items in (None, 0, torch.tensor(0)):
+        losses = CausalLMDistiller(student, teacher, loss="pcd").losses(student, ids, labels, num_items=num_items)
+        total = sum(losses.values())
+        assert float(total.detach()) == 0.0 and total.requires_grad
+        total.backward()
+        assert all(torch.all(p.grad == 0) for p in student.parameters() if p.grad is not None)

@@ -192,7 +192,9 @@ class CausalLMDistiller(nn.Module):
             total, parts = materialized_distill_loss(s, t, target, method=method, ce_weight=ce_weight,
                                                      reduction=reduction, **options)
         if num_items is not None:
-            total, parts = total / num_items, {k: v / num_items for k, v in parts.items()}
+            # no counted token anywhere: 0, not 0 / 0
+            count = num_items.clamp(min=1) if torch.is_tensor(num_items) else max(num_items, 1)
+            total, parts = total / count, {k: v / count for k, v in parts.items()}
         losses: dict[str, torch.Tensor] = {}
         if not distilled:
             if self.ce_weight:
