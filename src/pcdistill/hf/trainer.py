@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer_pt_utils import nested_gather
 
 from pcdistill.lm.distill import CausalLMDistiller
 
@@ -68,6 +67,6 @@ class DistillationTrainer(Trainer):
         if "loss" in logs and self._parts:
             steps = max(self.state.global_step - self._parts_from_step, 1)
             for name, value in self._parts.items():
-                logs[f"{name}_loss"] = nested_gather(value, self.args.parallel_mode).mean().item() / steps
+                logs[f"{name}_loss"] = self.accelerator.gather(value).mean().item() / steps  # at log time only
             self._parts, self._parts_from_step = {}, None
         super().log(logs, start_time)
