@@ -33,7 +33,7 @@ def test_a_save_pretrained_folder_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("spec,error,message", [
-    ({"path": "{tmp}/nothing"}, FileNotFoundError, r"nothing is not a Hugging Face model folder: expected config\.json"),
+    ({"path": "{tmp}/nothing"}, FileNotFoundError, r"nothing is not a Hugging Face model folder: expected config"),
     ({"path": "{tmp}/only_config"}, FileNotFoundError, r"model\.safetensors"),
     ({"path": "{tmp}", "vocab_size": 3}, ValueError, r"takes no other key; got \['vocab_size'\]"),
     ({"config": "lama", "vocab_size": 10}, ValueError, r"unknown config 'lama'.*did you mean 'llama'"),

@@ -53,7 +53,8 @@ class DistillationTrainer(Trainer):
             scale = scale if self.args.n_gpu <= 1 else self.args.n_gpu
         loss = sum(losses.values()) * scale
         if model.training:
-            self._record(losses, scale if self.loss_is_scaled_for_ga else scale / self.current_gradient_accumulation_steps)
+            steps = 1 if self.loss_is_scaled_for_ga else self.current_gradient_accumulation_steps
+            self._record(losses, scale / steps)  # each part as it enters the logged loss
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def _record(self, losses: dict[str, torch.Tensor], scale: float) -> None:

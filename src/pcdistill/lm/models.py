@@ -5,7 +5,7 @@
     ok, why = fusable(student)                                        # can the loss be fused with its lm_head?
     hidden = last_hidden_states(student, input_ids)                    # (B, L, H), the full logits never built
 
-transformers is imported here only, so the vision path never needs it.
+transformers is imported on first use (inside create_causal_lm), so the vision path never needs it.
 """
 from __future__ import annotations
 
