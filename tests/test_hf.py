@@ -168,3 +168,17 @@ def test_checkpoints_hold_the_student_only_and_resume(tmp_path):
     straight.train()
     for key, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_fusable_catches_a_forward_that_transforms_the_logits():
+    class Scaled(transformers.LlamaForCausalLM):  # a model whose config says nothing about it
+        def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+            out = super().forward(input_ids, attention_mask, logits_to_keep=logits_to_keep, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    model = tiny_lm()
+    scaled = Scaled(model.config)
+    ok, reason = fusable(scaled)
+    assert not ok and "differ from lm_head(hidden_states[-1])" in reason
+    assert fusable(model) == (True, "its logits are lm_head(hidden_states[-1]) (checked on two tokens)")

@@ -236,3 +236,15 @@ def test_no_counted_token_gives_zero_with_gradient():
         assert float(total.detach()) == 0.0 and total.requires_grad
         total.backward()
         assert all(torch.all(p.grad == 0) for p in student.parameters() if p.grad is not None)
+
+
+def test_fusable_is_probed_once_per_model():
+    student, teacher = tiny_lm(), tiny_lm(vocab=V_T, seed=1)
+    calls = []
+    student.register_forward_hook(lambda *_: calls.append(1))
+    distiller = CausalLMDistiller(student, teacher, loss="kd")
+    ids, labels, mask = batch()
+    distiller(ids, labels, attention_mask=mask)
+    first = len(calls)
+    distiller(ids, labels, attention_mask=mask)
+    assert first == 2 and len(calls) == 3  # the probe's forward, then one per step

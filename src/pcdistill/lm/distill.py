@@ -109,6 +109,7 @@ class CausalLMDistiller(nn.Module):
         self.ce_weight = float(ce_weight)
         self.warmup_epochs = float(warmup_epochs)
         self.fused = fused
+        self._fusable: dict[tuple[int, type], tuple[bool, str]] = {}
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -134,7 +135,10 @@ class CausalLMDistiller(nn.Module):
             return False
         models = [("student", student)] + ([("teacher", self.teacher)] if with_teacher else [])
         for role, model in models:
-            ok, reason = fusable(model)
+            key = (id(model), type(model))  # FSDP2's fully_shard changes the class in place
+            if key not in self._fusable:  # fusable() runs the model on two tokens: once per model
+                self._fusable[key] = fusable(model)
+            ok, reason = self._fusable[key]
             if ok:
                 continue
             name = type(model).__name__

@@ -13,6 +13,7 @@ import inspect
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pcdistill.registry import closest
@@ -94,8 +95,19 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in inspect.signature(unwrap(model).forward).parameters
 
 
+def _no_cache(model: nn.Module) -> dict:
+    """``use_cache=False`` where the forward takes it: training builds no key-value cache."""
+    return {"use_cache": False} if _accepts(model, "use_cache") else {}
+
+
 def fusable(model: nn.Module) -> tuple[bool, str]:
-    """Whether the loss may be computed from the last hidden states and the output layer's weight."""
+    """Whether the loss may be computed from the last hidden states and the output layer's weight, and why.
+
+    Not under FSDP (the weight is sharded outside forward), nor when the output embedding is not an
+    ``nn.Linear``, the config declares a logit transform (softcapping, a logit scale) or the forward
+    takes no ``logits_to_keep``; else the model runs once on two tokens (no grad) and its logits
+    must equal ``lm_head(hidden_states[-1])``, which catches a transform the config does not name.
+    """
     sharded = _sharding(model)
     if sharded:
         return False, sharded
@@ -116,22 +128,34 @@ def fusable(model: nn.Module) -> tuple[bool, str]:
             return False, "its config sets tie_last_hidden_states=False, so hidden_states[-1] precedes the final norm"
     if not _accepts(inner, "logits_to_keep"):
         return False, "its forward has no logits_to_keep argument, so it computes the full logits anyway"
-    return True, "its output layer is an nn.Linear applied to the last hidden state"
+    return _probe(inner)
+
+
+def _probe(model: nn.Module) -> tuple[bool, str]:
+    """Run two tokens and compare ``lm_head(hidden_states[-1])`` with the model's own logits (any transform shows)."""
+    weight, bias = output_layer(model)
+    ids = torch.tensor([[0, 1]], device=weight.device)
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):  # both sides in the weights' dtype
+        out = model(input_ids=ids, output_hidden_states=True, **_no_cache(model))
+        logits = out.logits
+        mine = F.linear(out.hidden_states[-1].to(weight.dtype), weight, bias)
+    if mine.shape != logits.shape or not torch.allclose(mine.float(), logits.float(), rtol=1e-3, atol=1e-3):
+        diff = (mine.float() - logits.float()).abs().max().item() if mine.shape == logits.shape else float("nan")
+        return False, (f"its logits differ from lm_head(hidden_states[-1]) (largest difference {diff:.3g}): "
+                       f"its forward transforms them after the output layer")
+    return True, "its logits are lm_head(hidden_states[-1]) (checked on two tokens)"
 
 
 def last_hidden_states(model: nn.Module, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The post-final-norm hidden states ``(B, L, H)``, through the model's own forward (wrappers see the call)."""
-    kwargs = {"output_hidden_states": True}
+    kwargs = {"output_hidden_states": True, **_no_cache(model)}
     if _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1  # the lm_head runs on the last position only
-    if _accepts(model, "use_cache"):
-        kwargs["use_cache"] = False
     out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return out.hidden_states[-1]
 
 
 def full_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The model's own logits ``(B, L, V)`` (the unfused path: softcapping and scaling included)."""
-    kwargs = {"use_cache": False} if _accepts(model, "use_cache") else {}
-    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+    return model(input_ids=input_ids, attention_mask=attention_mask, **_no_cache(model)).logits
