@@ -1,1 +1,1 @@
-"""Language-model distillation: tokenizers, token data, causal-LM students and teachers."""
+"""Language models: Hugging Face causal LMs, their tokenizers and token data, and their distillation."""
