@@ -56,5 +56,5 @@ def build_loss(method: str, **kwargs) -> nn.Module | None:
 
 
 __all__ = ["DISTLoss", "DKDLoss", "KDLoss", "PCDLoss", "build_loss", "dist_loss", "dkd_loss",
-           "fused_linear_distill_loss", "kd_loss", "list_methods", "loss_arguments", "memory_budget", "memory_budget_mib", "pcd_loss", "set_device_checks",
-           "set_memory_budget", "set_pcd_backend", "standardize_logits"]
+           "fused_linear_distill_loss", "kd_loss", "list_methods", "loss_arguments", "memory_budget",
+           "memory_budget_mib", "pcd_loss", "set_device_checks", "set_memory_budget", "set_pcd_backend", "standardize_logits"]

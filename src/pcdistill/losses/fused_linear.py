@@ -29,8 +29,8 @@ LOSSES = {"kd": kd_loss, "dkd": dkd_loss, "pcd": pcd_loss}
 SET_HERE = ("reduction", "valid", "class_mask")  # passed by the fused loss itself, not as a loss option
 # (rows, V)-sized arrays of each loss's workspace (as its row_losses call declares them) ...
 LOSS_ARRAYS = {"vanilla": 0, "kd": 8, "dkd": 14, "pcd": PCD_WORK_ARRAYS, "released": RELEASED_WORK_ARRAYS}
-# ... plus the fused chunk's own: both logits, their compute-dtype copy, two gradients, cross-entropy's two
-FUSED_ARRAYS = 7
+# ... plus the fused chunk's own: student logits (and a float32 copy of half ones), teacher logits, the kept gradient
+FUSED_ARRAYS = 4
 
 
 @dataclasses.dataclass(frozen=True)
