@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmark, for its helpers
 from loss_speed import DTYPES, T, _status_kib, describe_hardware, sync, textbook_kd  # noqa: E402
 
-from pcdistill.losses import dkd_loss, fused_linear_distill_loss, kd_loss, memory_budget_mib, pcd_loss,  # noqa: E402
-                              set_memory_budget)
+from pcdistill.losses import (dkd_loss, fused_linear_distill_loss, kd_loss, memory_budget_mib,  # noqa: E402
+                              pcd_loss, set_memory_budget)
 
 SHAPES = ["1024x512x128000:fp32", "2048x256x32000:fp32"]
 QUICK_SHAPES = ["64x32x500:fp32"]
