@@ -156,12 +156,13 @@ class _FusedLinearDistill(torch.autograd.Function):
             with torch.enable_grad():
                 z = _linear(h_s[start:stop].detach(), w_s.detach(), None if b_s is None else b_s.detach())
                 z = z.to(plan.dtype).requires_grad_(want_grad)  # the loss computes in this dtype anyway
+                z_common = z if common == z.shape[1] else z[:, :common]  # a full-width slice costs a copy in backward
                 objective = torch.zeros((), dtype=plan.dtype, device=device)
                 if plan.method != "vanilla" and (want_grad or not released):
                     with torch.no_grad():
                         z_t = _linear(h_t[start:stop], w_t[:common], None if b_t is None else b_t[:common])
                     if released:
-                        kl, weight = _ReleasedRows.apply(z[:, :common], z_t, keep_all[start:stop], class_mask,
+                        kl, weight = _ReleasedRows.apply(z_common, z_t, keep_all[start:stop], class_mask,
                                                          plan.options.get("standardize", False),
                                                          plan.options["temperature"], plan.dtype)
                         # d(2K A B / N) with the batch sums A (of KL) and B (of weights) fixed by the first pass
@@ -170,7 +171,7 @@ class _FusedLinearDistill(torch.autograd.Function):
                             + kl_sum * reduce_rows(weight, keep_all[start:stop], "sum", weight.shape))
                     else:
                         extra = (y[start:stop],) if plan.method == "dkd" else ()
-                        objective = LOSSES[plan.method](z[:, :common], z_t, *extra, reduction="sum", valid=keep,
+                        objective = LOSSES[plan.method](z_common, z_t, *extra, reduction="sum", valid=keep,
                                                         class_mask=class_mask, **plan.options)
                         distill = distill + objective.detach()
                 if y_ce is not None:
@@ -189,7 +190,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         scale = _mean_scale(counted, rows, plan, device)
         distill, ce = distill * scale, ce * scale
         total = distill + plan.ce_weight * ce
-        grads = [None if g is None else (g * scale.to(g.dtype)).to(dtype)
+        grads = [None if g is None else g.mul_(scale.to(g.dtype)).to(dtype)  # in place: no second weight-sized copy
                  for g, dtype in ((grad_h, h_s.dtype), (grad_w, w_s.dtype), (grad_b, w_s.dtype))]
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(distill, ce)
@@ -197,7 +198,8 @@ class _FusedLinearDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_distill, _grad_ce):
-        grads = tuple(None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors)
+        # in place, as a weight-sized copy would double the peak; a second backward then fails autograd's version check
+        grads = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.saved_tensors)
         return grads + (None,) * 7
 
 
