@@ -39,3 +39,21 @@ def test_loss_bench_prints_every_method(capsys):
     out = capsys.readouterr().out
     for name in bench.METHODS:
         assert f"| 4x12:fp32 | {name} |" in out
+
+
+def test_lm_bench_runs_every_method_and_its_fused_value_equals_unfused(capsys, monkeypatch):
+    bench = load("lm_loss")
+    assert bench.main(["--quick", "--shapes", "6x4x40:fp32", "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    for method in bench.METHODS:
+        for variant in bench.variants_of(method):
+            row = next(line for line in out.splitlines() if line.startswith(f"| 6x4x40:fp32 | {method} | {variant} |"))
+            if variant == "fused":
+                assert float(row.rstrip(" |").rsplit("|", 1)[1]) < 1e-5  # relative difference to unfused
+        assert f"6x4x40:fp32 {method}: time fused / unfused <= 1.3" in out
+    # the fresh-process probe sees the materialized logits (two of 4 MiB and a kept gradient), and the fused
+    # loss stay under its 1 MiB budget
+    monkeypatch.setenv("PCDISTILL_MEMORY_BUDGET_MIB", "1")
+    unfused = bench.measure_memory("KD", "unfused", "256x8x4096:fp32", "cpu")
+    fused = bench.measure_memory("KD", "fused", "256x8x4096:fp32", "cpu")
+    assert unfused["peak"] >= 10 * 2**20 and fused["peak"] < unfused["peak"] / 3
