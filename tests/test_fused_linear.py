@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcdistill.losses import dkd_loss, fused_linear_distill_loss, kd_loss, memory_budget, pcd_loss
+from pcdistill.losses import dkd_loss, fused_linear_distill_loss, kd_loss, memory_budget, memory_budget_mib, pcd_loss
 from pcdistill.losses import fused_linear as fused_module
 
 IGNORE = -100
@@ -209,15 +209,24 @@ def test_frozen_output_layer_and_no_grad():
 
 
 def test_default_chunks_fit_the_memory_budget(monkeypatch):
-    """With a tiny budget the default chunking splits the rows, each chunk's logits within the budget."""
-    calls = []
-    monkeypatch.setitem(fused_module.LOSSES, "kd", lambda s, *a, **k: calls.append(s.shape[0]) or kd_loss(s, *a, **k))
+    """With a tiny budget the default chunking splits the rows: each chunk's four logits-sized arrays fit
+    3/4 of the budget, and the loss inside runs with the last quarter as its workspace."""
+    calls, budgets = [], []
+
+    def spy(s, *a, **k):
+        calls.append(s.shape[0])
+        budgets.append(memory_budget_mib())
+        return kd_loss(s, *a, **k)
+
+    monkeypatch.setitem(fused_module.LOSSES, "kd", spy)
     x, _ = layers(leading=(40,), v_s=50, v_t=50, seed=10)
-    budget_mib = 0.05  # all 40 rows' workspace would need 4x that
+    budget_mib = 0.05  # 40 rows x 50 classes x 8 bytes x 4 arrays would need 1.5x that
     with memory_budget(budget_mib):
         got = fused(x, "kd", {})
+    assert memory_budget_mib() != budget_mib / 4  # restored after the call
     assert len(calls) > 1 and sum(calls) == 40
-    assert max(calls) * 50 * 8 * (8 + 2) <= budget_mib * 2**20  # kd's 8 work arrays and both logits, float64
+    assert max(calls) * 50 * 8 * 4 <= 0.75 * budget_mib * 2**20  # float64 logits, 4 arrays
+    assert budgets == [pytest.approx(budget_mib / 4, rel=1e-3)] * len(calls)
     assert_same(got, reference(x, "kd", {}))
 
 

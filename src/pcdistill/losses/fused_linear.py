@@ -18,19 +18,20 @@ from pcdistill.registry import closest
 
 from ._common import (check_bool, check_class_mask, check_real, check_valid, compute_dtype, device_checks_enabled,
                       reduce_rows)
-from ._pcd_rows import WORK_ARRAYS as PCD_WORK_ARRAYS
-from ._rows import chunk_rows as budget_rows
+from ._rows import memory_budget, memory_budget_mib
 from .dkd import dkd_loss
 from .kd import kd_loss
-from .pcd import RELEASED_WORK_ARRAYS, _check_options, _check_stages, _ReleasedRows, pcd_loss
+from .pcd import _check_options, _check_stages, _ReleasedRows, pcd_loss
 
 FUSED_METHODS = ("vanilla", "kd", "dkd", "pcd")
 LOSSES = {"kd": kd_loss, "dkd": dkd_loss, "pcd": pcd_loss}
 SET_HERE = ("reduction", "valid", "class_mask")  # passed by the fused loss itself, not as a loss option
-# (rows, V)-sized arrays of each loss's workspace (as its row_losses call declares them) ...
-LOSS_ARRAYS = {"vanilla": 0, "kd": 8, "dkd": 14, "pcd": PCD_WORK_ARRAYS, "released": RELEASED_WORK_ARRAYS}
-# ... plus the fused chunk's own: student logits (and a float32 copy of half ones), teacher logits, the kept gradient
+# (rows, V)-sized arrays of a chunk: student logits (and a float32 copy of half ones), teacher logits, the
+# loss's kept gradient and the gradient autograd returns
 FUSED_ARRAYS = 4
+# share of the memory budget for the chunk's logits; the loss's own workspace gets the rest. Chunks of few rows
+# re-read the whole output weights per chunk (at 128k classes 7 rows cost 2-3x the unfused time, 48 rows 1.1x)
+LOGITS_SHARE = 0.75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,8 +261,9 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     Shapes: hidden states ``(..., H_s)`` and ``(..., H_t)`` with the same leading shape, already aligned
     with ``target`` (no shifting here); weights ``(V, H)`` as ``nn.Linear`` stores them; biases ``(V,)``.
 
-    How (Liger-Kernel's fused linear JSD): rows go in chunks of ``chunk_rows`` (default: what fits
-    :func:`pcdistill.losses.memory_budget_mib` with the loss's workspace); per chunk both logits are formed,
+    How (Liger-Kernel's fused linear JSD): rows go in chunks of ``chunk_rows`` (default: as many as fit
+    3/4 of :func:`pcdistill.losses.memory_budget_mib`, the loss's workspace getting the last quarter);
+    per chunk both logits are formed,
     the unfused loss gives d loss / d logits, and the gradients w.r.t. ``student_hidden``,
     ``student_weight`` and ``student_bias`` are accumulated in the forward pass (in float32 for a half
     precision weight); backward only scales them. The teacher gets no gradient. Memory: the gradients
@@ -332,10 +334,12 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
         check_bool("standardize", options.get("standardize", False))
         check_bool("adaptive", options.get("adaptive", True))
     dtype = compute_dtype(student_weight, student_weight if w_t is None else w_t)
-    arrays = LOSS_ARRAYS["released" if released else method] + FUSED_ARRAYS
-    step = chunk_rows or budget_rows(h_s.shape[0], max(vocab, common), dtype, arrays)
+    budget = memory_budget_mib() * 2**20
+    row_bytes = max(vocab, common) * torch.finfo(dtype).bits // 8 * FUSED_ARRAYS
+    step = chunk_rows or min(h_s.shape[0], int(budget * LOGITS_SHARE) // row_bytes)
     plan = _Plan(method, options, common, ce_weight, ignore_index, y is not None and (ce_weight != 0 or return_parts),
                  reduction, max(1, step), dtype)
-    total, distill, ce = _FusedLinearDistill.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, y, counted,
-                                                   classes, plan)
+    with memory_budget(memory_budget_mib() * (1 - LOGITS_SHARE)):  # the loss's workspace inside each chunk
+        total, distill, ce = _FusedLinearDistill.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, y, counted,
+                                                       classes, plan)
     return (total, {"distill": distill, "ce": ce}) if return_parts else total
