@@ -18,6 +18,7 @@ from ._common import set_device_checks, standardize_logits
 from ._rows import memory_budget, memory_budget_mib, set_memory_budget
 from .dist import DISTLoss, dist_loss
 from .dkd import DKDLoss, dkd_loss
+from .fused_linear import fused_linear_distill_loss
 from .kd import KDLoss, kd_loss
 from .pcd import PCDLoss, pcd_loss, set_pcd_backend
 
@@ -54,6 +55,6 @@ def build_loss(method: str, **kwargs) -> nn.Module | None:
     return None if cls is None else cls(**kwargs)
 
 
-__all__ = ["DISTLoss", "DKDLoss", "KDLoss", "PCDLoss", "build_loss", "dist_loss", "dkd_loss", "kd_loss",
-           "list_methods", "loss_arguments", "memory_budget", "memory_budget_mib", "pcd_loss", "set_device_checks",
-           "set_memory_budget", "set_pcd_backend", "standardize_logits"]
+__all__ = ["DISTLoss", "DKDLoss", "KDLoss", "PCDLoss", "build_loss", "dist_loss", "dkd_loss",
+           "fused_linear_distill_loss", "kd_loss", "list_methods", "loss_arguments", "memory_budget",
+           "memory_budget_mib", "pcd_loss", "set_device_checks", "set_memory_budget", "set_pcd_backend", "standardize_logits"]

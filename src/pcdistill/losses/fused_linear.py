@@ -1,0 +1,339 @@
+"""The distillation loss fused with the output layer, for language models with large vocabularies.
+
+The ``(tokens, vocabulary)`` logits of student and teacher are never built for all tokens at once: rows
+are processed in chunks that fit the workspace budget, and each chunk's gradients w.r.t. the student's
+hidden states, weight and bias are computed inside the forward pass (the approach of Liger-Kernel's
+fused linear JSD / cross-entropy), so backward only scales them by the incoming gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from numbers import Integral
+
+import torch
+import torch.nn.functional as F
+
+from pcdistill.registry import closest
+
+from ._common import (check_bool, check_class_mask, check_real, check_valid, compute_dtype, device_checks_enabled,
+                      reduce_rows)
+from ._pcd_rows import WORK_ARRAYS as PCD_WORK_ARRAYS
+from ._rows import chunk_rows as budget_rows
+from .dkd import dkd_loss
+from .kd import kd_loss
+from .pcd import RELEASED_WORK_ARRAYS, _check_options, _check_stages, _ReleasedRows, pcd_loss
+
+FUSED_METHODS = ("vanilla", "kd", "dkd", "pcd")
+LOSSES = {"kd": kd_loss, "dkd": dkd_loss, "pcd": pcd_loss}
+SET_HERE = ("reduction", "valid", "class_mask")  # passed by the fused loss itself, not as a loss option
+# (rows, V)-sized arrays of each loss's workspace (as its row_losses call declares them) ...
+LOSS_ARRAYS = {"vanilla": 0, "kd": 8, "dkd": 14, "pcd": PCD_WORK_ARRAYS, "released": RELEASED_WORK_ARRAYS}
+# ... plus the fused chunk's own: student logits (and a float32 copy of half ones), teacher logits, the kept gradient
+FUSED_ARRAYS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The Python-side settings of one call (everything but tensors)."""
+    method: str
+    options: dict
+    common: int  # V = min(V_s, V_t): the classes the distillation term compares
+    ce_weight: float
+    ignore_index: int
+    with_ce: bool  # compute the cross-entropy (for the total, or only to report it)
+    reduction: str
+    step: int  # rows per chunk
+    dtype: torch.dtype  # compute dtype of the losses
+
+
+def _loss_options(method: str, loss_kwargs: dict) -> dict:
+    """``loss_kwargs`` checked against the keyword options of ``method``'s public loss."""
+    if method == "vanilla":
+        allowed = []
+    else:
+        params = inspect.signature(LOSSES[method]).parameters.values()
+        allowed = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in SET_HERE]
+    for key in loss_kwargs:
+        if key not in allowed:
+            raise ValueError(f"method {method!r} has no option {key!r}{closest(key, allowed)}; "
+                             f"it accepts: {', '.join(allowed) or 'no options'}")
+    options = dict(loss_kwargs)
+    if isinstance(options.get("progress"), torch.Tensor) and options["progress"].numel() == 1:
+        options["progress"] = options["progress"].item()  # once, not once per chunk (a device sync on CUDA)
+    return options
+
+
+def _check_linear(who: str, hidden, weight, bias, device=None) -> int:
+    """Check one output layer (hidden ``(..., H)``, weight ``(V, H)``, bias ``(V,)``, all on ``device``,
+    default the hidden's); returns V."""
+    for name, x in ((f"{who}_hidden", hidden), (f"{who}_weight", weight)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype; got {x.dtype}")
+    if hidden.dim() == 0:
+        raise ValueError(f"{who}_hidden must have shape (..., H); got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"{who}_weight must have shape (V, H) (an nn.Linear's weight); got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{who}_hidden's last dimension H={hidden.shape[-1]} does not match {who}_weight "
+                         f"of shape (V, H) = {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{who}_hidden and {who}_weight must have the same dtype; got {hidden.dtype} and {weight.dtype}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype != weight.dtype:
+            raise TypeError(f"{who}_bias must be a torch.Tensor of {who}_weight's dtype {weight.dtype}; got "
+                            f"{getattr(bias, 'dtype', type(bias).__name__)}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{who}_bias must have shape (V,) = ({weight.shape[0]},); got {tuple(bias.shape)}")
+    device = hidden.device if device is None else device
+    for name, x in ((f"{who}_hidden", hidden), (f"{who}_weight", weight), (f"{who}_bias", bias)):
+        if x is not None and x.device != device:
+            raise ValueError(f"{name} is on {x.device}, student_hidden on {device}: all tensors must be on one device")
+    return weight.shape[0]
+
+
+def _check_target(target, leading, device) -> torch.Tensor:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be an integer torch.Tensor of shape {tuple(leading)}; got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must have an integer dtype (token ids); got {target.dtype}")
+    if tuple(target.shape) != tuple(leading):
+        raise ValueError(f"target must have the hidden states' leading shape {tuple(leading)}; got {tuple(target.shape)}")
+    return target.reshape(-1).to(device=device, dtype=torch.long)
+
+
+def _check_target_range(y, counted, vocab: int, common: int, method: str) -> None:
+    """Targets of counted rows in ``[0, V_s)`` (and in the common classes for DKD); reads the values back."""
+    if not y.numel() or not device_checks_enabled(y) or torch.compiler.is_compiling():
+        return
+    y = y if counted is None else torch.where(counted, y, 0)
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"target must hold token ids in [0, V_s={vocab}) on a counted row; found "
+                         f"{low if low < 0 else high}")
+    if method == "dkd" and high >= common:
+        raise ValueError(f"dkd needs targets inside the classes both vocabularies share, [0, {common}); found {high}")
+
+
+def _linear(hidden, weight, bias):
+    return hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+
+
+def _chunks(rows: int, step: int):
+    """``(start, stop)`` of each chunk; one empty chunk for zero rows, so the loss still checks its options."""
+    for start in range(0, max(rows, 1), step):
+        yield start, min(start + step, rows)
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    """Value and, chunk by chunk inside forward, the gradients w.r.t. the student's hidden, weight and bias."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, y, counted, class_mask, plan: _Plan):
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        want_grad = want_h or want_w or want_b
+        rows, common, device = h_s.shape[0], plan.common, h_s.device
+        acc = torch.float32 if w_s.dtype in (torch.float16, torch.bfloat16) else w_s.dtype  # weight-grad accumulator
+        grad_h = torch.empty_like(h_s) if want_h else None
+        grad_w = torch.zeros(w_s.shape, dtype=acc, device=device) if want_w else None
+        grad_b = torch.zeros(w_s.shape[0], dtype=acc, device=device) if want_b else None
+        distill = torch.zeros((), dtype=plan.dtype, device=device)
+        ce = torch.zeros_like(distill)
+        released = plan.method == "pcd" and plan.options.get("variant") == "released"
+        if released:
+            keep_all = counted if counted is not None else torch.ones(rows, dtype=torch.bool, device=device)
+            count = keep_all.sum().to(plan.dtype).clamp_min(1)
+            kl_sum, weight_sum = _released_sums(h_s, w_s, b_s, h_t, w_t, b_t, keep_all, class_mask, plan)
+            distill = 2 * plan.options["stages"] * kl_sum * weight_sum / count
+        y_ce = None
+        if plan.with_ce:
+            y_ce = y if counted is None else torch.where(counted, y, plan.ignore_index)
+        chunks = _chunks(rows, plan.step) if want_grad or y_ce is not None or not released else ()
+        for start, stop in chunks:
+            keep = None if counted is None else counted[start:stop]
+            with torch.enable_grad():
+                z = _linear(h_s[start:stop].detach(), w_s.detach(), None if b_s is None else b_s.detach())
+                z = z.to(plan.dtype).requires_grad_(want_grad)  # the loss computes in this dtype anyway
+                objective = torch.zeros((), dtype=plan.dtype, device=device)
+                if plan.method != "vanilla" and (want_grad or not released):
+                    with torch.no_grad():
+                        z_t = _linear(h_t[start:stop], w_t[:common], None if b_t is None else b_t[:common])
+                    if released:
+                        kl, weight = _ReleasedRows.apply(z[:, :common], z_t, keep_all[start:stop], class_mask,
+                                                         plan.options.get("standardize", False),
+                                                         plan.options["temperature"], plan.dtype)
+                        # d(2K A B / N) with the batch sums A (of KL) and B (of weights) fixed by the first pass
+                        objective = 2 * plan.options["stages"] / count * (
+                            weight_sum * reduce_rows(kl, keep_all[start:stop], "sum", kl.shape)
+                            + kl_sum * reduce_rows(weight, keep_all[start:stop], "sum", weight.shape))
+                    else:
+                        extra = (y[start:stop],) if plan.method == "dkd" else ()
+                        objective = LOSSES[plan.method](z[:, :common], z_t, *extra, reduction="sum", valid=keep,
+                                                        class_mask=class_mask, **plan.options)
+                        distill = distill + objective.detach()
+                if y_ce is not None:
+                    with torch.set_grad_enabled(want_grad and plan.ce_weight != 0):
+                        part = F.cross_entropy(z, y_ce[start:stop], ignore_index=plan.ignore_index, reduction="sum")
+                    ce = ce + part.detach()
+                    objective = objective + plan.ce_weight * part
+                if want_grad:
+                    (g,) = torch.autograd.grad(objective, z)
+            if want_h:
+                grad_h[start:stop] = g.to(w_s.dtype) @ w_s
+            if want_w:
+                grad_w.addmm_(g.T.to(acc), h_s[start:stop].to(acc))
+            if want_b:
+                grad_b += g.sum(0).to(acc)
+        scale = _mean_scale(counted, rows, plan, device)
+        distill, ce = distill * scale, ce * scale
+        total = distill + plan.ce_weight * ce
+        grads = [None if g is None else (g * scale.to(g.dtype)).to(dtype)
+                 for g, dtype in ((grad_h, h_s.dtype), (grad_w, w_s.dtype), (grad_b, w_s.dtype))]
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(distill, ce)
+        return total, distill, ce
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_distill, _grad_ce):
+        grads = tuple(None if g is None else g * grad_total.to(g.dtype) for g in ctx.saved_tensors)
+        return grads + (None,) * 7
+
+
+def _released_sums(h_s, w_s, b_s, h_t, w_t, b_t, keep, class_mask, plan: _Plan):
+    """First pass of the released variant: the batch sums of its row KLs and row weights (no gradient)."""
+    kl_sum = torch.zeros((), dtype=plan.dtype, device=h_s.device)
+    weight_sum = torch.zeros_like(kl_sum)
+    common = plan.common
+    with torch.no_grad():
+        for start, stop in _chunks(h_s.shape[0], plan.step):
+            z = _linear(h_s[start:stop], w_s[:common], None if b_s is None else b_s[:common])
+            z_t = _linear(h_t[start:stop], w_t[:common], None if b_t is None else b_t[:common])
+            kl, weight = _ReleasedRows.apply(z, z_t, keep[start:stop], class_mask,
+                                             plan.options.get("standardize", False), plan.options["temperature"],
+                                             plan.dtype)
+            kl_sum = kl_sum + reduce_rows(kl, keep[start:stop], "sum", kl.shape)
+            weight_sum = weight_sum + reduce_rows(weight, keep[start:stop], "sum", weight.shape)
+    return kl_sum, weight_sum
+
+
+def _mean_scale(counted, rows: int, plan: _Plan, device) -> torch.Tensor:
+    """1 for ``"sum"``; 1 / counted rows for ``"mean"`` (1 when there are none: the loss is then 0)."""
+    one = torch.ones((), dtype=plan.dtype, device=device)
+    if plan.reduction == "sum":
+        return one
+    if counted is None:
+        return one / max(rows, 1)
+    return one / counted.sum().to(plan.dtype).clamp_min(1)
+
+
+def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                              teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                              *, method: str = "pcd", student_bias: torch.Tensor | None = None,
+                              teacher_bias: torch.Tensor | None = None, target: torch.Tensor | None = None,
+                              ignore_index: int = -100, ce_weight: float = 0.0, class_mask: torch.Tensor | None = None,
+                              valid: torch.Tensor | None = None, chunk_rows: int | None = None,
+                              reduction: str = "mean", return_parts: bool = False, **loss_kwargs):
+    """Distillation loss (plus optional cross-entropy) of two output layers, without materializing the logits.
+
+    With ``s = h_s W_s^T + b_s`` (``(N, V_s)``), ``t = h_t W_t^T + b_t`` (``(N, V_t)``) and
+    ``V = min(V_s, V_t)``::
+
+        loss = sum_i D(s_i[:V], t_i[:V]) / n + ce_weight * sum_i CE(s_i, y_i) / n
+
+    over the counted rows ``i`` (``target != ignore_index`` and ``valid``), with ``n`` their number
+    (``reduction="mean"``; 0 rows give 0) or ``n = 1`` (``"sum"``, e.g. for Hugging Face's
+    ``num_items_in_batch`` scaling). ``D`` is the unfused loss of ``method`` with ``loss_kwargs``:
+    ``"kd"`` (:func:`kd_loss`), ``"dkd"`` (:func:`dkd_loss`, needs ``target``), ``"pcd"``
+    (:func:`pcd_loss`: Progressive Class-level Distillation, Li et al., arXiv 2505.24310, every option,
+    ``variant="released"`` included, whose batch-mean weight is handled by a first pass over the rows),
+    or ``"vanilla"`` (no ``D``, teacher arguments unused: a fused linear cross-entropy). ``CE`` is over
+    the student's full vocabulary, the model's own LM loss. Value, masking and NaN rules are exactly
+    those of the unfused loss on the materialized logits (``class_mask``, of length ``V``, included).
+
+    Vocabularies: the first ``V`` classes of both must be the same tokens (a vocabulary padded to a
+    multiple of 64, say); tokenizers that differ otherwise are out of scope.
+
+    Shapes: hidden states ``(..., H_s)`` and ``(..., H_t)`` with the same leading shape, already aligned
+    with ``target`` (no shifting here); weights ``(V, H)`` as ``nn.Linear`` stores them; biases ``(V,)``.
+
+    How (Liger-Kernel's fused linear JSD): rows go in chunks of ``chunk_rows`` (default: what fits
+    :func:`pcdistill.losses.memory_budget_mib` with the loss's workspace); per chunk both logits are formed,
+    the unfused loss gives d loss / d logits, and the gradients w.r.t. ``student_hidden``,
+    ``student_weight`` and ``student_bias`` are accumulated in the forward pass (in float32 for a half
+    precision weight); backward only scales them. The teacher gets no gradient. Memory: the gradients
+    themselves plus the budget, whatever the number of tokens and classes.
+
+    Returns the scalar loss, or ``(loss, {"distill": ..., "ce": ...})`` (parts detached) with
+    ``return_parts=True``. A target outside ``[0, V_s)`` on a counted row is a ``ValueError`` (checked
+    on the CPU, on CUDA only under :func:`pcdistill.losses.set_device_checks`).
+    """
+    if method == "dist":
+        raise ValueError("method 'dist' cannot be fused: its intra-class term correlates each class over all "
+                         f"rows at once; use one of {', '.join(map(repr, FUSED_METHODS))}")
+    if not isinstance(method, str) or method not in FUSED_METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, FUSED_METHODS))}; got {method!r}"
+                         f"{closest(method, FUSED_METHODS)}")
+    options = _loss_options(method, loss_kwargs)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' (the fused loss returns a scalar); got {reduction!r}"
+                         f"{closest(reduction, ('mean', 'sum'))}")
+    ce_weight = check_real("ce_weight", ce_weight)
+    if ce_weight < 0:
+        raise ValueError(f"ce_weight must be >= 0; got {ce_weight}")
+    check_bool("return_parts", return_parts)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__} {ignore_index!r}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, Integral)
+                                   or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be None (from the memory budget) or an int >= 1; got {chunk_rows!r}")
+
+    vocab = _check_linear("student", student_hidden, student_weight, student_bias)
+    device, leading = student_hidden.device, student_hidden.shape[:-1]
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    if method == "vanilla":
+        if ce_weight == 0:
+            raise ValueError("method 'vanilla' has no distillation term: give ce_weight > 0 (e.g. 1.0) and target")
+        if class_mask is not None:
+            raise ValueError("class_mask applies to the distillation term, which method 'vanilla' does not have")
+        common, h_t, w_t, b_t = vocab, None, None, None
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError(f"method {method!r} needs teacher_hidden and teacher_weight")
+        common = min(vocab, _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias, device))
+        if teacher_hidden.shape[:-1] != leading:
+            raise ValueError(f"student_hidden and teacher_hidden must have the same leading shape (one row per "
+                             f"token); got {tuple(leading)} and {tuple(teacher_hidden.shape[:-1])}")
+        if common < 2:
+            raise ValueError(f"the vocabularies share {common} class(es); distillation needs at least 2")
+        h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+        w_t, b_t = teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach()
+    classes = check_class_mask(class_mask, common, device)
+    counted = check_valid(valid, leading, device)
+    y = None
+    if target is not None:
+        y = _check_target(target, leading, device)
+        labelled = y != ignore_index
+        counted = labelled if counted is None else counted & labelled
+        _check_target_range(y, counted, vocab, common, method)
+    elif method in ("dkd", "vanilla") or ce_weight != 0:
+        needs = f"method {method!r}" if method in ("dkd", "vanilla") else f"ce_weight={ce_weight}"
+        raise ValueError(f"{needs} needs target (token ids of the hidden states' leading shape)")
+
+    released = method == "pcd" and options.get("variant") == "released"
+    if released:  # bypasses pcd_loss, so its checks run here
+        options["stages"] = _check_stages(options.get("stages", 3), common)
+        options["temperature"], _ = _check_options(options.get("temperature", 4.0), options.get("schedule", "joint"),
+                                                   options.get("progress"), options.get("rank_by", "abs_diff"),
+                                                   "released", reduction)
+        check_bool("standardize", options.get("standardize", False))
+        check_bool("adaptive", options.get("adaptive", True))
+    dtype = compute_dtype(student_weight, student_weight if w_t is None else w_t)
+    arrays = LOSS_ARRAYS["released" if released else method] + FUSED_ARRAYS
+    step = chunk_rows or budget_rows(h_s.shape[0], max(vocab, common), dtype, arrays)
+    plan = _Plan(method, options, common, ce_weight, ignore_index, y is not None and (ce_weight != 0 or return_parts),
+                 reduction, max(1, step), dtype)
+    total, distill, ce = _FusedLinearDistill.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, y, counted,
+                                                   classes, plan)
+    return (total, {"distill": distill, "ce": ce}) if return_parts else total
