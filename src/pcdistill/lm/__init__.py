@@ -1,1 +1,1 @@
-"""Language-model distillation: tokenizers, token data, causal-LM students and teachers."""
+"""Language models: tokenizers, token data, Hugging Face causal LMs and their distillation."""

@@ -1,0 +1,211 @@
+"""Causal-LM distillation: student + frozen teacher + a logit loss on every next-token prediction.
+
+    distiller = CausalLMDistiller(student, teacher, loss="pcd", loss_options={"temperature": 2.0},
+                                  ce_weight=1.0, alpha=1.0)
+    _, losses = distiller(input_ids, labels, attention_mask=mask)
+    sum(losses.values()).backward()
+
+Each position ``i < L - 1`` is a row predicting ``labels[:, i + 1]`` (labels equal input_ids, shifted
+here, as Hugging Face causal LMs do with ``labels=``); a row counts for nothing when that label is
+-100 or the attention mask is 0 at ``i`` or ``i + 1``. With the fused path the loss is computed from
+the last hidden states and the output weights chunk by chunk
+(:func:`pcdistill.losses.fused_linear_distill_loss`), so the ``(tokens, vocabulary)`` logits never
+exist at once; the unfused path materializes them, with the same value.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pcdistill.distiller import check_epoch
+from pcdistill.losses import build_loss, dkd_loss, fused_linear_distill_loss, kd_loss, pcd_loss
+from pcdistill.registry import closest
+
+from .models import full_logits, fusable, last_hidden_states, output_layer, unwrap
+
+LOSSES = {"vanilla": None, "kd": kd_loss, "dkd": dkd_loss, "pcd": pcd_loss}
+FUSED = ("auto", "always", "never")
+IGNORE = -100
+_WARNED: set[str] = set()
+
+
+def shifted_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``labels[:, 1:]`` with -100 wherever the attention mask is 0 at the predicting or the predicted position."""
+    target = labels[:, 1:]
+    if attention_mask is not None:
+        keep = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+        target = target.masked_fill(~keep, IGNORE)
+    return target
+
+
+def materialized_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor,
+                              *, method: str, ce_weight: float, reduction: str = "mean", **options):
+    """``fused_linear_distill_loss`` on logits already computed: same value, ``(total, parts)`` with parts detached."""
+    rows = student_logits.reshape(-1, student_logits.shape[-1])
+    y = target.reshape(-1)
+    keep = y != IGNORE
+    distill = ce = rows.sum() * 0
+    if method != "vanilla":
+        t = teacher_logits.reshape(rows.shape[0], -1)
+        common = min(rows.shape[-1], t.shape[-1])  # padded vocabularies: the shared first classes
+        extra = {"target": y.masked_fill(~keep, 0)} if method == "dkd" else {}
+        distill = LOSSES[method](rows[:, :common], t[:, :common], valid=keep, reduction="sum", **extra, **options)
+    if ce_weight:
+        ce = F.cross_entropy(rows.float(), y, ignore_index=IGNORE, reduction="sum")
+    total = distill + ce_weight * ce
+    if reduction == "mean":
+        count = keep.sum().clamp(min=1)
+        total, distill, ce = total / count, distill / count, ce / count
+    return total, {"distill": distill.detach(), "ce": ce.detach()}
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=4)  # points at the caller of losses()
+
+
+class CausalLMDistiller(nn.Module):
+    """``ce_weight * CE + warmup * alpha * <loss>(student, teacher)`` over every next-token prediction.
+
+    ``loss``: "vanilla" (CE only), "kd", "dkd" (its target is the next token) or "pcd";
+    ``loss_options`` go to that loss (``pcd_loss``: temperature, stages, schedule, ...; ``progress``
+    comes from ``forward``). ``warmup = min(epoch / warmup_epochs, 1)`` as in
+    :class:`pcdistill.distiller.Distiller`. The vocabularies may differ in size (a padded one): the
+    distillation term uses the first ``min(V_s, V_t)`` classes, CE the student's whole vocabulary.
+    ``fused``: "auto" uses the fused loss when both models allow it (:func:`pcdistill.lm.models.fusable`)
+    and otherwise materializes the logits, warning once per process; "always" refuses to fall back,
+    "never" always materializes. The teacher is frozen: eval mode, no gradients.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, loss: str = "pcd",
+                 loss_options: dict | None = None, alpha: float = 1.0, ce_weight: float = 1.0,
+                 warmup_epochs: float = 0.0, fused: str = "auto"):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}{closest(str(loss), list(LOSSES))}; "
+                             f"a causal LM distills with one of {', '.join(LOSSES)}")
+        if fused not in FUSED:
+            raise ValueError(f"fused must be one of {', '.join(FUSED)}; got {fused!r}")
+        options = dict(loss_options or {})
+        for key in ("reduction", "progress"):
+            if key in options:
+                raise ValueError(f"loss_options may not set {key!r}: the distiller sets it "
+                                 f"(reduction over counted tokens; progress is forward's argument)")
+        if loss != "vanilla":
+            if teacher is None:
+                raise ValueError(f"loss={loss!r} needs a teacher; pass teacher=... or loss='vanilla'")
+            build_loss(loss, **options)  # names an unknown or invalid option now, not at the first step
+        elif options:
+            raise ValueError(f"loss='vanilla' takes no loss_options; got {sorted(options)}")
+        self.student = student
+        self.teacher = teacher
+        self.loss = loss
+        self.loss_options = options
+        self.alpha = float(alpha)
+        self.ce_weight = float(ce_weight)
+        self.warmup_epochs = float(warmup_epochs)
+        self.fused = fused
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    def train(self, mode: bool = True) -> "CausalLMDistiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # dropout of the teacher stays off
+        return self
+
+    def warmup(self, epoch: float | None) -> float:
+        return 1.0 if self.warmup_epochs <= 0 else min(float(epoch) / self.warmup_epochs, 1.0)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                epoch: float | None = None, progress: float | None = None):
+        """``(None, {"ce": ..., <loss>: ...})``: the weighted losses; their sum is the training loss."""
+        return None, self.losses(self.student, input_ids, labels, attention_mask=attention_mask, epoch=epoch,
+                                 progress=progress)
+
+    def use_fused(self, student: nn.Module, with_teacher: bool, tokens: int) -> bool:
+        """Whether this step takes the fused path; "auto" warns once per process when it cannot."""
+        if self.fused == "never":
+            return False
+        models = [("student", student)] + ([("teacher", self.teacher)] if with_teacher else [])
+        for role, model in models:
+            ok, reason = fusable(model)
+            if ok:
+                continue
+            name = type(model).__name__
+            if self.fused == "always":
+                raise ValueError(f"fused='always' but the {role} {name} cannot be fused: {reason}")
+            vocab = getattr(getattr(unwrap(model), "config", None), "vocab_size", 0)
+            _warn_once(f"{role}:{name}:{reason}",
+                       f"pcdistill: the {role} {name} cannot use the fused output-layer loss ({reason}); "
+                       f"CausalLMDistiller computes the full logits of both models instead: {tokens} tokens x "
+                       f"{vocab} classes = {tokens * vocab * 4 / 2**20:.0f} MiB in float32 per model and batch, "
+                       f"plus the student's gradient of that size (warned once per process)")
+            return False
+        return True
+
+    def losses(self, student: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *,
+               attention_mask: torch.Tensor | None = None, epoch: float | None = None,
+               progress: float | None = None, num_items: int | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The weighted losses of one batch, ``student`` being this distiller's student or a wrapper of it (DDP).
+
+        ``num_items``: sum over tokens divided by it (the counted tokens of the whole accumulated
+        batch, Hugging Face's ``num_items_in_batch``) instead of the mean over this batch's tokens.
+        """
+        if input_ids.dim() != 2 or labels.shape != input_ids.shape or input_ids.shape[1] < 2:
+            raise ValueError(f"input_ids and labels must both be (batch, length >= 2); got "
+                             f"{tuple(input_ids.shape)} and {tuple(labels.shape)}")
+        if self.loss != "vanilla":
+            check_epoch(epoch, self.warmup_epochs)
+        weight = 0.0 if self.loss == "vanilla" else self.warmup(epoch) * self.alpha
+        method = self.loss if weight else "vanilla"  # at warm-up's start the teacher is not run
+        options = dict(self.loss_options)
+        if method == "pcd":
+            options["progress"] = progress
+        # one call computes weight * (distill + ce_weight / weight * CE), so value and gradient stay exact
+        ce_weight = self.ce_weight / weight if weight else self.ce_weight
+        target = shifted_targets(labels, attention_mask)
+        reduction = "mean" if num_items is None else "sum"
+        distilled = method != "vanilla"
+        if self.use_fused(student, distilled, input_ids.numel()):
+            h_s = last_hidden_states(student, input_ids, attention_mask)[:, :-1]
+            w_s, b_s = output_layer(student)
+            h_t = w_t = b_t = None
+            if distilled:
+                with torch.no_grad():
+                    h_t = last_hidden_states(self.teacher, input_ids, attention_mask)[:, :-1]
+                w_t, b_t = output_layer(self.teacher)
+            total, parts = fused_linear_distill_loss(
+                h_s, w_s, h_t, w_t, method=method, student_bias=b_s, teacher_bias=b_t, target=target,
+                ignore_index=IGNORE, ce_weight=ce_weight, reduction=reduction, return_parts=True, **options)
+        else:
+            s = full_logits(student, input_ids, attention_mask)[:, :-1]
+            t = None
+            if distilled:
+                with torch.no_grad():
+                    t = full_logits(self.teacher, input_ids, attention_mask)[:, :-1]
+            total, parts = materialized_distill_loss(s, t, target, method=method, ce_weight=ce_weight,
+                                                     reduction=reduction, **options)
+        if num_items is not None:
+            total, parts = total / num_items, {k: v / num_items for k, v in parts.items()}
+        losses: dict[str, torch.Tensor] = {}
+        if not distilled:
+            if self.ce_weight:
+                losses["ce"] = total
+            if self.loss != "vanilla":
+                losses[self.loss] = total.new_zeros(())
+            return losses
+        total = weight * total
+        distill = weight * parts["distill"]
+        if self.ce_weight:
+            # CE's value, logged; the distillation entry carries the whole gradient, so the sum is exact
+            losses["ce"] = total.detach() - distill
+            losses[self.loss] = total - losses["ce"]
+        else:
+            losses[self.loss] = total
+        return losses

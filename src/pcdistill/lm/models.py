@@ -1,0 +1,137 @@
+"""Hugging Face causal language models: build one from a spec, and reach its last hidden states and output layer.
+
+    student = create_causal_lm({"config": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 8192})
+    teacher = create_causal_lm({"path": "teachers/qwen2-0.5b"})        # a save_pretrained folder, read locally
+    ok, why = fusable(student)                                        # can the loss be fused with its lm_head?
+    hidden = last_hidden_states(student, input_ids)                    # (B, L, H), the full logits never built
+
+transformers is imported here only, so the vision path never needs it.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pcdistill.registry import closest
+
+CONFIGS = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "qwen2": "Qwen2Config"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+# config attributes that change the logits after the output layer (Gemma 2/3, Cohere, Granite, ...)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
+def create_causal_lm(spec: dict) -> nn.Module:
+    """``{"path": folder}``: ``AutoModelForCausalLM.from_pretrained(folder)``, local files only; or
+    ``{"config": "llama" | "gpt2" | "qwen2", "vocab_size": V, <that config's keys>}``: a random init."""
+    if not isinstance(spec, dict):
+        raise TypeError(f"a causal LM spec is a dict with 'path' or 'config'; got {type(spec).__name__}")
+    if ("path" in spec) == ("config" in spec):
+        raise ValueError(f"a causal LM spec needs exactly one of 'path' (a save_pretrained folder) or 'config' "
+                         f"({' | '.join(CONFIGS)}); got keys {sorted(spec)}")
+    import transformers
+
+    if "path" in spec:
+        extra = sorted(set(spec) - {"path"})
+        if extra:
+            raise ValueError(f"a 'path' spec takes no other key; got {extra} (the folder's config.json holds the rest)")
+        folder = Path(spec["path"])
+        if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in WEIGHT_FILES):
+            raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: expected config.json and one of "
+                                    f"{', '.join(WEIGHT_FILES)} (as written by model.save_pretrained(folder))")
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    name = spec["config"]
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}{closest(str(name), list(CONFIGS))}; known: {', '.join(CONFIGS)}")
+    config_cls = getattr(transformers, CONFIGS[name])
+    keys = {k: v for k, v in spec.items() if k != "config"}
+    allowed = [p for p in inspect.signature(config_cls.__init__).parameters if p not in ("self", "kwargs")]
+    allowed += list(getattr(config_cls, "attribute_map", {}))
+    for key in keys:
+        if key not in allowed:
+            raise ValueError(f"{CONFIGS[name]} has no key {key!r}{closest(key, allowed)}")
+    if "vocab_size" not in keys:
+        raise ValueError(f"a {name!r} spec needs vocab_size (the tokenizer's vocabulary size)")
+    return transformers.AutoModelForCausalLM.from_config(config_cls(**keys))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / FSDP1 (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None) if inner is None else inner
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def output_layer(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight (V, H), bias (V,) or None)`` of the output embedding, or None when it is not an ``nn.Linear``."""
+    get = getattr(unwrap(model), "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return (head.weight, head.bias) if isinstance(head, nn.Linear) else None
+
+
+def _sharding(model: nn.Module) -> str | None:
+    """Why the output weight is not whole outside forward (FSDP1 or FSDP2), or None."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
+        return "it is sharded by FSDP, which gathers the output weight only inside the model's forward"
+    layer = output_layer(model)
+    if layer is not None and isinstance(layer[0], DTensor):
+        return "its output weight is a DTensor (sharded or tensor-parallel)"
+    return None
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(unwrap(model).forward).parameters
+
+
+def fusable(model: nn.Module) -> tuple[bool, str]:
+    """Whether the loss may be computed from the last hidden states and the output layer's weight."""
+    sharded = _sharding(model)
+    if sharded:
+        return False, sharded
+    inner = unwrap(model)
+    if output_layer(inner) is None:
+        head = getattr(inner, "get_output_embeddings", lambda: None)()
+        return False, f"its output embedding is {type(head).__name__}, not an nn.Linear reachable via " \
+                      f"get_output_embeddings()"
+    configs = [getattr(inner, "config", None)]
+    configs.append(getattr(configs[0], "text_config", None))
+    for config in filter(None, configs):
+        for key in LOGIT_TRANSFORMS:
+            value = getattr(config, key, None)
+            if value is None or (key != "final_logit_softcapping" and value == 1):
+                continue  # a scale of 1 changes nothing
+            return False, f"its config sets {key}={value}, which transforms the logits after the output layer"
+        if getattr(config, "tie_last_hidden_states", True) is False:
+            return False, "its config sets tie_last_hidden_states=False, so hidden_states[-1] precedes the final norm"
+    if not _accepts(inner, "logits_to_keep"):
+        return False, "its forward has no logits_to_keep argument, so it computes the full logits anyway"
+    return True, "its output layer is an nn.Linear applied to the last hidden state"
+
+
+def last_hidden_states(model: nn.Module, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The post-final-norm hidden states ``(B, L, H)``, through the model's own forward (wrappers see the call)."""
+    kwargs = {"output_hidden_states": True}
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1  # the lm_head runs on the last position only
+    if _accepts(model, "use_cache"):
+        kwargs["use_cache"] = False
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return out.hidden_states[-1]
+
+
+def full_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's own logits ``(B, L, V)`` (the unfused path: softcapping and scaling included)."""
+    kwargs = {"use_cache": False} if _accepts(model, "use_cache") else {}
+    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
