@@ -185,3 +185,32 @@ def test_the_vision_path_imports_no_language_model_library():
             "bad = [m for m in ('transformers', 'tokenizers') if m in sys.modules]; assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_two_process_ddp_matches_one_process(runs):
+    import os
+
+    from safetensors.torch import load_file
+
+    from pcdistill.engine.trainer import train
+    from tests.helpers import REPO
+    tmp = runs["tmp"]
+    per_rank = 4
+    config = student(tmp / "teacher", trainer=TEACHER["trainer"] | {"iterations": 3, "batch_size": per_rank})
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PCDISTILL_CACHE": str(tmp / "ddp_cache"),  # ids encoded by rank 0
+                        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "tests" / "ddp_worker.py"), json.dumps(config), str(tmp / "ddp")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = load_file(tmp / "ddp" / "rank0.safetensors"), load_file(tmp / "ddp" / "rank1.safetensors")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    single = config | {"trainer": config["trainer"] | {"batch_size": 2 * per_rank}}
+    summary = train(from_dict(single), tmp / "single")
+    for key, value in summary.student.state_dict().items():
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5)
+    ddp, one = read_metrics(tmp / "ddp")[-1], read_metrics(tmp / "single")[-1]
+    assert ddp["world_size"] == 2
+    for key in ("val_ppl", "test_ppl", "test_kl"):  # eval shards summed over ranks
+        assert ddp[key] == pytest.approx(one[key], rel=1e-4), key
+    assert ddp["test_agree"] == pytest.approx(one["test_agree"], abs=0.1)  # a near-tied top-1 may flip
