@@ -206,7 +206,7 @@ def _run(plan: LMPlan, results: Path, runner: Runner, log) -> list[dict]:
                     | {k: result.get(k) for k in ("test_ppl", "val_ppl", "test_agree", "test_kl", "seconds",
                                                   "run_dir")})
     log("bucket analysis on the test tokens")
-    stats = bucket_stats(rows, teacher_dir, runner.jobs)
+    stats = bucket_stats(rows, teacher_dir, runner._pool)  # the workers the runs used, already warm
     write_csv(rows, results / "lm.csv")
     from pcdistill.evidence.analysis import write_bucket_report
     write_bucket_report(stats, [v.name for v in plan.variants], results / "lm_buckets",
@@ -296,16 +296,14 @@ def cached_test_stats(run_dir: str, teacher_dir: str) -> dict:
     return json.loads(cache.read_text())
 
 
-def bucket_stats(rows: list[dict], teacher_dir: Path, jobs: int = 1) -> dict:
-    """{variant: {bucket: [(gap, kl) per final seed]}} from :func:`cached_test_stats`, on ``jobs`` processes.
+def bucket_stats(rows: list[dict], teacher_dir: Path, pool=None) -> dict:
+    """{variant: {bucket: [(gap, kl) per final seed]}} from :func:`cached_test_stats`, on ``pool`` (an executor,
+    e.g. the runner's workers, which have torch and transformers loaded) or in this process.
     Final rows without agreement (vanilla students train without a teacher) get it from this pass."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     from pcdistill.evidence.analysis import add_gaps
     finals = [row for row in rows if row["phase"] == "final"]
-    with ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        measured = list(pool.map(cached_test_stats, [r["run_dir"] for r in finals], [str(teacher_dir)] * len(finals)))
+    args = ([r["run_dir"] for r in finals], [str(teacher_dir)] * len(finals))
+    measured = list(pool.map(cached_test_stats, *args) if pool is not None else map(cached_test_stats, *args))
     stats: dict = {}
     for row, numbers in zip(finals, measured):
         add_gaps(stats, row["variant"], numbers["buckets"])
