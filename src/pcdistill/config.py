@@ -15,7 +15,8 @@ data      name, root, val_fraction, split_seed (carves val from train; fixed acr
 model     name (``pcdistill list models``, or ``timm/<name>`` for any timm model), options (model factory
           keyword arguments; ``pretrained: true`` for timm's own weights), weights (initial weights)
 teacher   name, weights (a ``model.safetensors`` file, a run folder, or a torch checkpoint such as the
-          CRD/mdistiller ``ckpt_epoch_240.pth``), options
+          CRD/mdistiller ``ckpt_epoch_240.pth``), options, path (``task: causal_lm`` only: the run folder
+          of a causal_lm teacher run, or a Hugging Face ``save_pretrained`` folder)
 distill   method (vanilla | kd | dkd | dist | pcd), ce_weight, alpha, warmup_epochs,
           loss (that method's arguments, e.g. temperature, stages), box_reg_weight (detection only)
 optim     name (sgd | adamw), lr, momentum, weight_decay, nesterov, clip_grad_norm
@@ -24,6 +25,12 @@ schedule  name (multistep | cosine | constant), milestones, gamma, unit (epoch |
 trainer   epochs, iterations, batch_size, eval_batch_size, seed, device, amp, compile, channels_last,
           num_workers, sync_bn, threads, log_every, eval_every (epochs; the last is always evaluated),
           checkpoint_every (steps)
+
+``task``: classification | detection | causal_lm. For causal_lm, ``data.name`` is a text corpus
+(``python_stdlib``, ``text``) with ``data.options`` block_size, vocab_size, tokenizer and the corpus's
+options; ``model.name`` is ``llama`` | ``gpt2`` | ``qwen2`` (random init, sizes in ``model.options``) or
+``hf`` (``model.weights``: a ``save_pretrained`` folder or a causal_lm run folder); see
+``pcdistill.tasks.causal_lm``.
 """
 from __future__ import annotations
 
@@ -109,6 +116,7 @@ class TeacherConfig:
     name: str | None = None
     weights: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None  # causal_lm: a teacher run folder or a save_pretrained folder
 
 
 @dataclass
@@ -174,7 +182,7 @@ class Config:
 
 
 CHOICES = {
-    "task": ("classification", "detection"),
+    "task": ("classification", "detection", "causal_lm"),
     "distill.method": ("vanilla", "kd", "dkd", "dist", "pcd"),
     "optim.name": ("sgd", "adamw"),
     "schedule.name": ("multistep", "cosine", "constant"),
@@ -328,7 +336,7 @@ def save_config(cfg: Config, path: str | Path, given: dict[str, str] | None = No
 
 
 # paths a run reads; stored absolute so that a run resumes or is evaluated from any directory
-PATH_KEYS = ("data.root", "teacher.weights")
+PATH_KEYS = ("data.root", "teacher.weights", "teacher.path")
 
 
 def resolve_paths(cfg: Config) -> tuple[Config, dict[str, str]]:
@@ -352,7 +360,7 @@ def resolve_paths(cfg: Config) -> tuple[Config, dict[str, str]]:
 # where files are, and how the work is done; anything else would make it a different experiment
 RESUMABLE = ("trainer.epochs", "trainer.iterations", "optim.lr", "optim.clip_grad_norm", "trainer.amp",
              "trainer.device", "trainer.threads", "trainer.num_workers", "trainer.log_every", "trainer.eval_every",
-             "trainer.checkpoint_every", "trainer.eval_batch_size", "data.root", "teacher.weights")
+             "trainer.checkpoint_every", "trainer.eval_batch_size", "data.root", "teacher.weights", "teacher.path")
 
 
 def _flat(cfg: Config) -> dict[str, object]:
@@ -452,8 +460,10 @@ def validate(cfg: Config) -> None:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"distill.loss: {err}") from None
         if not cfg.teacher.name:
+            where = "teacher.path to its run folder" if cfg.task == "causal_lm" else \
+                "teacher.weights to its trained model.safetensors"
             raise ConfigError(f"distill.method is {d.method!r}, which needs a teacher: set teacher.name "
-                              f"(and teacher.weights to its trained model.safetensors)")
+                              f"(and {where})")
     if cfg.optim.clip_grad_norm is not None and cfg.optim.clip_grad_norm <= 0:
         raise ConfigError(f"optim.clip_grad_norm must be > 0 (or null for no clipping); got {cfg.optim.clip_grad_norm}")
     if cfg.task == "classification" and d.box_reg_weight:
@@ -467,3 +477,50 @@ def validate(cfg: Config) -> None:
         if cfg.trainer.channels_last or cfg.trainer.compile:
             raise ConfigError("trainer.channels_last and trainer.compile are for classification; "
                               "set them to false for detection")
+    if cfg.task == "causal_lm":
+        _validate_causal_lm(cfg)
+    elif cfg.teacher.path:
+        raise ConfigError(f"teacher.path is for task: causal_lm; for task: {cfg.task} set teacher.weights instead")
+
+
+def _validate_causal_lm(cfg: Config) -> None:
+    """What ``task: causal_lm`` accepts beyond the common checks (the rest is checked when the task is built)."""
+    d, t = cfg.distill, cfg.teacher
+    if d.method == "dist":
+        raise ConfigError("distill.method 'dist' is not available for task: causal_lm: DIST has no form fused with "
+                          "the output layer, which causal LMs distill through; choose vanilla, kd, dkd or pcd")
+    if d.box_reg_weight:
+        raise ConfigError("distill.box_reg_weight applies to detection only; set it to 0")
+    if cfg.trainer.channels_last:
+        raise ConfigError("trainer.channels_last is for images; set it to false for task: causal_lm")
+    if cfg.data.train_samples is not None:
+        raise ConfigError("data.train_samples is for classification; limit a text corpus with data.options "
+                          "(e.g. max_files for python_stdlib)")
+    for key in ("val_fraction", "root"):
+        if key in cfg.data.options:
+            raise ConfigError(f"data.options.{key}: set data.{key} instead (it is passed to the corpus)")
+    if t.name:
+        if t.weights:
+            raise ConfigError("teacher.weights is for vision tasks; a causal_lm teacher is a folder: set teacher.path "
+                              "to its run folder (or a save_pretrained folder) and remove teacher.weights")
+        if t.options:
+            raise ConfigError(f"teacher.options is set ({t.options}), but a causal_lm teacher's sizes come from the "
+                              f"config.json of its folder (teacher.path); remove teacher.options")
+        if not t.path:
+            raise ConfigError(f"teacher.path is not set: the {t.name} teacher would be untrained; point it to the "
+                              f"run folder of a causal_lm teacher run (pcdistill train <teacher config> --out DIR "
+                              f"writes DIR/hf and DIR/tokenizer) or to a save_pretrained folder")
+    elif t.path:
+        raise ConfigError(f"teacher.path is set ({t.path!r}) but teacher.name is not; set teacher.name (hf, or the "
+                          f"teacher's config type: llama, gpt2, qwen2) or remove teacher.path")
+    if cfg.model.name == "hf":
+        if not cfg.model.weights:
+            raise ConfigError("model.name 'hf' loads a pretrained student: set model.weights to its save_pretrained "
+                              "folder (or a causal_lm run folder), or use a config type (llama, gpt2, qwen2) with "
+                              "model.options for a random init")
+        if cfg.model.options:
+            raise ConfigError(f"model.options is set ({cfg.model.options}), but model.name 'hf' takes its sizes from "
+                              f"the config.json of model.weights; remove model.options")
+    elif cfg.model.weights:
+        raise ConfigError(f"model.weights is set for model.name {cfg.model.name!r}, a random init; to start from "
+                          f"pretrained weights use model.name: hf with model.weights: FOLDER")

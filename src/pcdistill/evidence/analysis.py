@@ -49,13 +49,14 @@ def test_logits(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(logits), torch.cat(labels)
 
 
-def bucket_gaps(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, tuple[float, float]]:
-    """Per bucket of teacher rank: (mean |log p_t - log p_s|, mean within-bucket KL)."""
+def bucket_gaps(student: torch.Tensor, teacher: torch.Tensor, buckets=BUCKETS) -> dict[str, tuple[float, float]]:
+    """Per bucket of teacher rank (``buckets``: inclusive 1-based (low, high) ranks, high None for the rest):
+    (mean |log p_t - log p_s|, mean within-bucket KL)."""
     log_t, log_s = torch.log_softmax(teacher.double(), -1), torch.log_softmax(student.double(), -1)
     order = torch.argsort(log_t, dim=-1, descending=True)
     log_t, log_s = log_t.gather(-1, order), log_s.gather(-1, order)
     out = {}
-    for low, high in BUCKETS:
+    for low, high in buckets:
         if low > log_t.shape[-1]:
             continue
         t, s = log_t[:, low - 1:high], log_s[:, low - 1:high]

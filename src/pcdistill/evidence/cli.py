@@ -1,4 +1,4 @@
-"""``pcdistill bench accuracy | detection | analysis | report``: the evidence suites from the command line."""
+"""``pcdistill bench accuracy | detection | lm | analysis | report``: the evidence suites from the command line."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,12 @@ def add_parser(sub) -> None:
     p.add_argument("--fashion-root", help="folder of the Fashion-MNIST IDX files (default: the dataset's, "
                                           "/usr/share/datasets/fashion-mnist)")
     p.set_defaults(func=cmd_detection)
+    p = what.add_parser("lm", help="python_stdlib language models: teacher, then vanilla/KD/DKD/PCD students over "
+                                   "seeds, weights chosen on val perplexity; resumable")
+    p.add_argument("--out", default="results", help="results folder (default results/)")
+    p.add_argument("--quick", action="store_true", help="a smoke run with tiny models (under 3 minutes)")
+    p.add_argument("--jobs", type=int, default=2, help="parallel single-threaded training processes (default 2)")
+    p.set_defaults(func=cmd_lm)
     p = what.add_parser("analysis", help="teacher-student gap by teacher rank for the suite's students")
     p.add_argument("--out", default="results", help="results folder of a finished suite")
     p.add_argument("--dataset", default="fashion_mnist_pairs",
@@ -54,6 +60,15 @@ def cmd_detection(args: argparse.Namespace) -> int:
     plan = (quick_plan if args.quick else full_plan)(args.fashion_root)
     run_detection_suite(plan, Path(args.out), jobs=args.jobs, log=tqdm.write)
     print((Path(args.out) / "detection.md").read_text())
+    return 0
+
+
+def cmd_lm(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pcdistill.evidence.lm import full_plan, quick_plan, run_lm_suite
+    run_lm_suite(quick_plan() if args.quick else full_plan(), Path(args.out), jobs=args.jobs, log=tqdm.write)
+    print((Path(args.out) / "lm.md").read_text())
     return 0
 
 

@@ -16,6 +16,7 @@ from pcdistill.tasks.base import Task
 TASKS: Registry[str] = Registry("task")
 TASKS.register("classification")("pcdistill.tasks.classification")
 TASKS.register("detection")("pcdistill.tasks.detection")
+TASKS.register("causal_lm")("pcdistill.tasks.causal_lm")
 
 
 def list_tasks() -> list[str]:

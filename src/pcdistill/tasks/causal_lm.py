@@ -1,0 +1,291 @@
+"""Causal language models for the trainer (``task: causal_lm``): a Hugging Face student, an optional frozen
+teacher, :class:`~pcdistill.lm.distill.CausalLMDistiller` and perplexity / agreement / KL.
+
+    task: causal_lm
+    data: {name: python_stdlib, options: {block_size: 128, vocab_size: 8192, max_files: 400}}
+    model: {name: llama, options: {hidden_size: 128, num_hidden_layers: 2, ...}}   # random init
+    teacher: {name: llama, path: runs/lm/teacher}                                  # a teacher run folder
+
+``data.name`` is a corpus of :mod:`pcdistill.data.text` (``data.val_fraction`` and ``data.root`` go to it;
+``data.options`` holds ``block_size``, ``vocab_size``, ``tokenizer`` and the corpus's own options).
+``model.name`` is a config type (``llama``, ``gpt2``, ``qwen2``; ``model.options`` are its keys) or ``hf``
+with ``model.weights`` a ``save_pretrained`` folder or a causal_lm run folder. ``teacher.path`` is a
+causal_lm run folder (its ``hf/`` and ``tokenizer/``) or a ``save_pretrained`` folder; ``teacher.name``
+is ``hf`` or the type the folder must hold.
+
+Tokenizer: ``data.options.tokenizer`` (a tokenizer folder or a run folder), else the teacher's, else a
+byte-level BPE of ``vocab_size`` trained on the train split. Trained tokenizers and encoded ids are
+cached under ``$PCDISTILL_CACHE`` (default ``~/.cache/pcdistill``), keyed by a hash of the train split
+and the vocabulary size, written by rank 0 before any model is built; every run copies its tokenizer
+into its run folder (``tokenizer/``, and ``hf/`` with the student's ``save_pretrained``).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pcdistill.config import Config, ConfigError
+from pcdistill.data.base import DatasetError
+from pcdistill.data.text import build_corpus
+from pcdistill.lm.data import TokenBlockLoader, encode_documents, token_blocks
+from pcdistill.lm.distill import CausalLMDistiller
+from pcdistill.lm.models import CONFIGS, create_causal_lm, full_logits
+from pcdistill.lm.tokenizer import load_tokenizer, tokenizer_difference, train_tokenizer
+from pcdistill.tasks.base import Task, check_loss_fits
+
+DATA_OPTIONS = {"block_size": 128, "vocab_size": 8192, "tokenizer": None}  # ours; the rest go to the corpus
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PCDISTILL_CACHE") or Path.home() / ".cache" / "pcdistill")
+
+
+def _positive_int(key: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"data.options.{key} must be an integer >= {minimum}; got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders: a run folder of this task holds hf/ (the model) and tokenizer/
+# ----------------------------------------------------------------------------------------------
+def model_folder(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "hf" if (path / "hf" / "config.json").is_file() else path
+
+
+def tokenizer_folder(path: str | Path) -> Path | None:
+    """The tokenizer of a run folder (``tokenizer/``) or of a save_pretrained folder; None when it holds none."""
+    path = Path(path)
+    for folder in (path / "tokenizer", path / "hf", path):
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+            return folder
+    return None
+
+
+def _load_tokenizer(key: str, folder: Path):
+    try:
+        return load_tokenizer(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def trained_tokenizer(docs, vocab_size: int, ctx) -> Path:
+    """The folder of the byte-level BPE trained on ``docs`` (the train split), from the cache or trained now
+    by rank 0 (the others wait at a barrier)."""
+    digest = hashlib.sha256(f"bpe:{vocab_size}".encode())
+    for doc in docs:
+        digest.update(hashlib.sha256(doc.path.encode()).digest() + hashlib.sha256(doc.text.encode()).digest())
+    folder = cache_root() / "tokenizers" / digest.hexdigest()[:32]
+    if ctx.is_main and not (folder / "tokenizer.json").is_file():
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            train_tokenizer((d.text for d in docs), vocab_size, tmp)
+        except ValueError as err:
+            raise ConfigError(f"data.options.vocab_size: {err}") from None
+        try:
+            os.replace(tmp, folder)  # atomic; another run that got there first leaves an identical folder
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    ctx.barrier()
+    return folder
+
+
+def resolve_tokenizer(cfg: Config, ctx, train_docs, vocab_size: int):
+    """(tokenizer, where it came from): data.options.tokenizer, the teacher's, or one trained on ``train_docs``;
+    a teacher whose tokenizer differs from the one used is refused."""
+    given = cfg.data.options.get("tokenizer")
+    teacher_tok = None
+    if cfg.teacher.name:
+        folder = tokenizer_folder(cfg.teacher.path)
+        if folder is None and not given:
+            raise ConfigError(f"teacher.path {cfg.teacher.path!r} holds no tokenizer (expected tokenizer/ in a "
+                              f"causal_lm run folder, or tokenizer.json in a save_pretrained folder); set "
+                              f"data.options.tokenizer to the tokenizer folder the teacher was trained with")
+        if folder is not None:
+            teacher_tok = (_load_tokenizer("teacher.path", folder), folder)
+    if given:
+        folder = tokenizer_folder(given)
+        if folder is None:
+            raise ConfigError(f"data.options.tokenizer {given!r} holds no tokenizer: expected a folder with "
+                              f"tokenizer.json and tokenizer_config.json (save_pretrained), or a causal_lm run "
+                              f"folder holding tokenizer/")
+        tokenizer, source = _load_tokenizer("data.options.tokenizer", folder), folder
+        if teacher_tok is not None:
+            difference = tokenizer_difference(teacher_tok[0], tokenizer)
+            if difference is not None:
+                raise ConfigError(f"the teacher's tokenizer ({teacher_tok[1]}) and data.options.tokenizer "
+                                  f"({folder}) differ: {difference} (teacher vs student); distillation compares "
+                                  f"the two models token id by token id, so they must share one tokenizer")
+        return tokenizer, source
+    if teacher_tok is not None:
+        return teacher_tok
+    folder = trained_tokenizer(train_docs, vocab_size, ctx)
+    return _load_tokenizer("tokenizer", folder), folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+def _vocab_size(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def pretrained(section: str, name: str, path: str, tokens: int) -> nn.Module:
+    """The model of a save_pretrained (or run) folder, checked against ``name`` and the tokenizer's size."""
+    folder = model_folder(path)
+    key = "teacher.path" if section == "teacher" else "model.weights"
+    try:
+        model = create_causal_lm({"path": str(folder)})
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise ConfigError(f"{key}: {err}") from None
+    kind = getattr(model.config, "model_type", None)
+    if name != "hf" and kind != name:
+        raise ConfigError(f"{key} {str(folder)!r} holds a {kind!r} model, but {section}.name is {name!r}; set "
+                          f"{section}.name: {kind} (or hf, which takes any causal LM folder)")
+    if _vocab_size(model) < tokens:
+        raise ConfigError(f"{key} {str(folder)!r}: its vocabulary has {_vocab_size(model)} entries, fewer than the "
+                          f"{tokens} tokens of the tokenizer; the model and the tokenizer must belong together")
+    return model
+
+
+def random_init(name: str, options: dict, tokenizer) -> nn.Module:
+    if name not in CONFIGS:
+        raise ConfigError(f"model.name {name!r} is not a causal LM: use a config type ({', '.join(CONFIGS)}) with "
+                          f"model.options for a random init, or hf with model.weights: FOLDER")
+    tokens = len(tokenizer)
+    options = dict(options)
+    vocab = options.pop("vocab_size", tokens)
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < tokens:
+        raise ConfigError(f"model.options.vocab_size={vocab!r} is smaller than the tokenizer's {tokens} tokens; "
+                          f"remove it (the size comes from the tokenizer) or set a larger one (a padded vocabulary)")
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    try:
+        return create_causal_lm({"config": name} | ids | options | {"vocab_size": vocab})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.options: {err}") from None
+
+
+def save_tied_once(model: nn.Module) -> None:
+    """State dicts of ``model`` name a tied tensor once (safetensors refuses two names for one tensor, e.g. GPT-2's
+    shared input and output embeddings); loading accepts the missing alias, which the tie fills."""
+    first: dict[int, str] = {}
+    aliases = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases.append(name)
+        else:
+            first[id(param)] = name
+    if not aliases:
+        return
+
+    def drop(module, state_dict, prefix, local_metadata):
+        for alias in aliases:
+            state_dict.pop(prefix + alias, None)
+
+    def allow(module, incompatible):
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                        if not any(k == a or k.endswith("." + a) for a in aliases)]
+
+    model.register_state_dict_post_hook(drop)
+    model.register_load_state_dict_post_hook(allow)
+
+
+# ----------------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------------
+def _blocks(split: str, docs, tokenizer, block_size: int, ctx) -> torch.Tensor:
+    if not docs:
+        raise ConfigError(f"the {split} split of the corpus has no documents; use more files or a larger fraction")
+    cache = cache_root() / "ids"
+    if ctx.is_main:  # rank 0 encodes and caches; the others read the cache after the barrier
+        ids = encode_documents(docs, tokenizer, cache_dir=cache)
+    ctx.barrier()
+    if not ctx.is_main:
+        ids = encode_documents(docs, tokenizer, cache_dir=cache)
+    try:
+        return token_blocks(ids, block_size)
+    except ValueError as err:
+        raise ConfigError(f"the {split} split ({len(docs)} documents): {err}") from None
+
+
+def build(cfg: Config, ctx) -> Task:
+    options = dict(cfg.data.options)
+    ours = {key: options.pop(key, default) for key, default in DATA_OPTIONS.items()}
+    block_size = _positive_int("block_size", ours["block_size"], 2)
+    vocab_size = _positive_int("vocab_size", ours["vocab_size"], 1)
+    corpus_options = options | {"val_fraction": cfg.data.val_fraction}
+    if cfg.data.root:
+        corpus_options["root"] = cfg.data.root
+    try:
+        splits = build_corpus(cfg.data.name, **corpus_options)
+    except DatasetError as err:
+        raise DatasetError(f"data: {err}") from None
+    tokenizer, tokenizer_source = resolve_tokenizer(cfg, ctx, splits.train, vocab_size)
+    tokens = len(tokenizer)
+
+    if cfg.model.name == "hf":
+        student = pretrained("model", "hf", cfg.model.weights, tokens)
+    else:
+        student = random_init(cfg.model.name, cfg.model.options, tokenizer)
+    save_tied_once(student)
+    teacher = pretrained("teacher", cfg.teacher.name, cfg.teacher.path, tokens) if cfg.teacher.name else None
+    vocab = _vocab_size(student) if teacher is None else min(_vocab_size(student), _vocab_size(teacher))
+    check_loss_fits(cfg, vocab)
+    try:
+        module = CausalLMDistiller(student, teacher, loss=cfg.distill.method, loss_options=cfg.distill.loss,
+                                   alpha=cfg.distill.alpha, ce_weight=cfg.distill.ce_weight,
+                                   warmup_epochs=cfg.distill.warmup_epochs)
+    except ValueError as err:
+        raise ConfigError(f"distill: {err}") from None
+
+    common = dict(seed=cfg.trainer.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
+    eval_batch = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
+    train_blocks = _blocks("train", splits.train, tokenizer, block_size, ctx)
+    train_loader = TokenBlockLoader(train_blocks, batch_size=cfg.trainer.batch_size, train=True, **common)
+    if len(train_loader) == 0:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} leaves no full batch: the train split has "
+                          f"{len(train_blocks)} blocks of {block_size} tokens over {ctx.world_size} process(es)")
+    eval_loaders = {split: TokenBlockLoader(_blocks(split, docs, tokenizer, block_size, ctx), batch_size=eval_batch,
+                                            train=False, **common)
+                    for split, docs in (("val", splits.val), ("test", splits.test)) if docs}
+
+    def evaluate(net: nn.Module, loader) -> dict[str, float]:
+        # CE sum, tokens, top-1 agreements, KL(p_t || p_s) sum: sums, so ranks and batches add up exactly
+        sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)
+        for input_ids, labels in loader:
+            logits = full_logits(net, input_ids)[:, :-1].float()
+            target = labels[:, 1:]
+            sums[0] += F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
+            sums[1] += target.numel()
+            if teacher is not None:
+                t = full_logits(teacher, input_ids)[:, :-1].float()
+                sums[2] += (logits.argmax(-1) == t.argmax(-1)).sum()
+                log_s = logits[..., :vocab].log_softmax(-1)
+                log_t = t[..., :vocab].log_softmax(-1)
+                sums[3] += F.kl_div(log_s, log_t, log_target=True, reduction="sum")
+        sums = ctx.all_reduce_sum(sums)
+        count = max(sums[1].item(), 1.0)
+        out = {"ppl": math.exp(sums[0].item() / count)}
+        if teacher is not None:
+            out |= {"agree": 100.0 * sums[2].item() / count, "kl": sums[3].item() / count}
+        return out
+
+    def export(net: nn.Module, out_dir: Path) -> None:
+        net.save_pretrained(out_dir / "hf")
+        tokenizer.save_pretrained(out_dir / "hf")
+        tokenizer.save_pretrained(out_dir / "tokenizer")
+
+    metadata = {"task": "causal_lm", "model": cfg.model.name, "model_options": cfg.model.options,
+                "vocab_size": _vocab_size(student), "dataset": cfg.data.name, "tokenizer": str(tokenizer_source)}
+    return Task(module, student, train_loader, eval_loaders, evaluate, "ppl", metadata,
+                lower_is_better=("ppl", "kl"), export=export)
