@@ -216,3 +216,15 @@ def test_two_process_ddp_matches_one_process(runs):
     for key in ("val_ppl", "test_ppl", "test_kl"):  # eval shards summed over ranks
         assert ddp[key] == pytest.approx(one[key], rel=1e-4), key
     assert ddp["test_agree"] == pytest.approx(one["test_agree"], abs=0.1)  # a near-tied top-1 may flip
+
+
+def test_tune_chooses_the_lowest_validation_perplexity(runs, tmp_path):
+    from pcdistill.evidence.tune import tune
+    tmp = runs["tmp"]
+    runs["mp"].setenv("PCDISTILL_CACHE", str(tmp / "cache"))
+    alpha, rows = tune(student(tmp / "teacher"), tmp_path / "tune", grid=(0.25, 4.0), log=lambda *a: None)
+    ppl = {row["scale"]: row["val_ppl"] for row in rows}
+    assert all(v > 1 for v in ppl.values())
+    assert alpha == min(ppl, key=ppl.get)  # lower perplexity wins, not the higher
+    for row in rows:  # each value is its run's final-epoch val_ppl
+        assert row["val_ppl"] == read_metrics(row["run_dir"])[-1]["val_ppl"]

@@ -4,7 +4,8 @@
 
 trains the config once per scale of ``--grid`` (default 0.25, 1, 4) x its ``distill.alpha``, with
 everything else unchanged, and picks the scale with the best final-epoch validation metric
-(``val_acc``, or ``val_AP`` for detection); ties go to the scale closest to 1. This is the suite's
+(``val_acc``, ``val_AP`` for detection, the lowest ``val_ppl`` for causal_lm); ties go to the scale
+closest to 1. This is the suite's
 tuning step (``pcdistill bench accuracy | detection``) applied to one config. The test split is
 never read for the choice, and the table does not show it. Results: ``OUT/tune.csv`` and one run
 folder per weight (``OUT/alpha_<value>``); finished runs are not redone.
@@ -28,7 +29,7 @@ def tune(config: dict, out: Path, grid: tuple[float, ...] = (0.25, 1.0, 4.0), jo
                           "it has no distillation term; pass a kd, dkd, dist or pcd config")
     if not grid or any(a <= 0 for a in grid):
         raise ConfigError(f"--grid needs positive scales of distill.alpha; got {list(grid)}")
-    metric = "val_AP" if cfg.task == "detection" else "val_acc"
+    metric = {"detection": "val_AP", "causal_lm": "val_ppl"}.get(cfg.task, "val_acc")
     base = cfg.distill.alpha
     batch = []
     for scale in grid:
@@ -38,7 +39,11 @@ def tune(config: dict, out: Path, grid: tuple[float, ...] = (0.25, 1.0, 4.0), jo
     out.mkdir(parents=True, exist_ok=True)
     with Runner(jobs, log, metric=metric) as runner:
         results = runner.run(batch, "tuning distill.alpha")
-    chosen = choose_scale(lambda a: results[(a,)].get(metric), grid)
+    def score(scale: float):  # higher is better; perplexity is lower-better
+        value = results[(scale,)].get(metric)
+        return value if value is None or metric != "val_ppl" else 1.0 / value
+
+    chosen = choose_scale(score, grid)
     rows = [{"scale": a, "alpha": base * a, metric: results[(a,)].get(metric), "seconds": results[(a,)]["seconds"],
              "chosen": a == chosen, "run_dir": results[(a,)]["run_dir"]} for a in grid]
     with open(out / "tune.csv", "w", newline="") as f:
