@@ -20,7 +20,6 @@ Resumable like the accuracy suite: finished runs are read back, killed ones resu
 """
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from pcdistill.evidence.suite import (Job, Runner, Variant, _slug, choose_scale, difference_row, environment,
-                                      mean_std)
+                                      mean_std, write_rows)
 
 VARIANTS = [
     Variant("vanilla", "vanilla", description="detector losses only"),
@@ -176,7 +175,7 @@ def _run(plan: DetectionPlan, results: Path, runner: Runner, log) -> list[dict]:
         rows.append({"variant": name, "seed": seed, "alpha": alpha, "phase": phase}
                     | {ours: result.get(theirs) for ours, theirs in METRICS.items()}
                     | {k: result[k] for k in ("seconds", "epochs", "run_dir")})
-    write_csv(rows, results / "detection.csv")
+    write_rows(rows, results / "detection.csv", CSV_FIELDS)
     log("bucket analysis on RoI logits")
     stats = bucket_stats(rows, runs_dir / "teacher")
     from pcdistill.evidence.analysis import write_bucket_report
@@ -202,26 +201,6 @@ def write_scenes(config: dict) -> None:
 
 CSV_FIELDS = ["variant", "seed", "alpha", "test_ap", "test_ap50", "test_ap75", "val_ap", "seconds", "phase", "epochs",
               "run_dir"]
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k) for k in CSV_FIELDS} for r in rows)
-
-
-def read_csv(path: Path) -> list[dict]:
-    """The rows of a ``detection.csv``, numbers as numbers (empty cells as None)."""
-    def value(key: str, text: str):
-        if key in ("variant", "phase", "run_dir"):
-            return text
-        if text == "":
-            return None
-        return int(text) if key in ("seed", "epochs") else float(text)
-
-    with open(path) as f:
-        return [{k: value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ are :func:`recipe_configs` (written by ``write_configs(Path("configs"))``; a tes
 """
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from pcdistill.evidence.suite import (Job, Runner, Variant, _slug, choose_scale, difference_row, environment,
-                                      mean_std)
+                                      mean_std, write_rows)
 
 BUCKETS = ((1, 1), (2, 10), (11, 100), (101, None))
 DATASET = "python_stdlib"
@@ -207,7 +206,7 @@ def _run(plan: LMPlan, results: Path, runner: Runner, log) -> list[dict]:
                                                   "run_dir")})
     log("bucket analysis on the test tokens")
     stats = bucket_stats(rows, teacher_dir, runner._pool)  # the workers the runs used, already warm
-    write_csv(rows, results / "lm.csv")
+    write_rows(rows, results / "lm.csv", CSV_FIELDS)
     from pcdistill.evidence.analysis import write_bucket_report
     write_bucket_report(stats, [v.name for v in plan.variants], results / "lm_buckets",
                         f"{DATASET} next-token logits (test split)",
@@ -221,26 +220,6 @@ def _run(plan: LMPlan, results: Path, runner: Runner, log) -> list[dict]:
 
 CSV_FIELDS = ["variant", "seed", "alpha", "test_ppl", "val_ppl", "test_agree", "test_kl", "seconds", "phase",
               "run_dir"]
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k) for k in CSV_FIELDS} for r in rows)
-
-
-def read_csv(path: Path) -> list[dict]:
-    """The rows of an ``lm.csv``, numbers as numbers (empty cells as None)."""
-    def value(key: str, text: str):
-        if key in ("variant", "phase", "run_dir"):
-            return text
-        if text == "":
-            return None
-        return int(text) if key == "seed" else float(text)
-
-    with open(path) as f:
-        return [{k: value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 # ----------------------------------------------------------------------------------------------

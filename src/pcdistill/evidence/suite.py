@@ -387,12 +387,17 @@ def environment(seconds: float) -> dict:
             "suite_wall_seconds_this_invocation": round(seconds, 1)}
 
 
-def write_outputs(plan: Plan, rows: list[dict], results: Path, seconds: float) -> None:
-    fields = ["dataset", "variant", "alpha", "seed", "phase", "val_acc", "test_acc", "epochs", "seconds", "run_dir"]
-    with open(results / "runs.csv", "w", newline="") as f:
+def write_rows(rows: list[dict], path: Path, fields: list[str]) -> None:
+    """A suite's csv: one row per run, the columns ``fields`` (missing values empty)."""
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows({k: r.get(k) for k in fields} for r in rows)
+
+
+def write_outputs(plan: Plan, rows: list[dict], results: Path, seconds: float) -> None:
+    write_rows(rows, results / "runs.csv",
+               ["dataset", "variant", "alpha", "seed", "phase", "val_acc", "test_acc", "epochs", "seconds", "run_dir"])
     env = environment(seconds)
     (results / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
     header = (f"Final-epoch accuracy (%), {len(plan.seeds)} seeds; alpha chosen per dataset and variant from "
