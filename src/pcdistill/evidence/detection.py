@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from pcdistill.evidence.suite import (Job, Runner, Variant, _slug, choose_scale, difference_row, environment,
-                                      mean_std, write_rows)
+                                      by_seed, mean_std_cell, tuning_lines, write_rows)
 
 VARIANTS = [
     Variant("vanilla", "vanilla", description="detector losses only"),
@@ -249,19 +249,10 @@ def bucket_stats(rows: list[dict], teacher_dir: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
-def _by_seed(rows: list[dict], variant: str, phase: str = "final") -> dict[int, dict]:
-    return {r["seed"]: r for r in rows if r["variant"] == variant and r["phase"] == phase}
-
-
-def _cell(values: list[float]) -> str:
-    m, sd = mean_std(values)
-    return f"{m:.2f} +- {sd:.2f}"
-
-
 def report(plan: DetectionPlan, rows: list[dict], env: dict) -> str:
     recipe = plan.recipe
     teacher = next(r for r in rows if r["phase"] == "teacher")
-    vanilla = _by_seed(rows, "vanilla")
+    vanilla = by_seed(rows, "vanilla")
     lines = ["# Detection suite: fashion_scenes", "",
              f"Final-epoch COCO AP (%) of Faster R-CNN on the test scenes (items from Fashion-MNIST's test images "
              f"only), {len(plan.seeds)} seeds; alpha chosen per variant from {list(plan.alpha_grid)} x its published "
@@ -279,36 +270,25 @@ def report(plan: DetectionPlan, rows: list[dict], env: dict) -> str:
     lines += ["", "| variant | alpha (chosen on val) | val AP | test AP (mean +- std) | AP50 | AP75 | test AP per seed |",
               "|---|---:|---:|---:|---:|---:|---|"]
     for variant in plan.variants:
-        final = _by_seed(rows, variant.name)
+        final = by_seed(rows, variant.name)
         if not final:
             continue
         seeds = sorted(final)
         alpha = final[seeds[0]]["alpha"]
         lines.append(f"| {variant.name} | {'-' if alpha is None else f'{alpha:g}'} | "
                      f"{statistics.fmean(final[s]['val_ap'] for s in seeds):.2f} | "
-                     f"{_cell([final[s]['test_ap'] for s in seeds])} | {_cell([final[s]['test_ap50'] for s in seeds])} | "
-                     f"{_cell([final[s]['test_ap75'] for s in seeds])} | "
+                     f"{mean_std_cell([final[s]['test_ap'] for s in seeds])} | {mean_std_cell([final[s]['test_ap50'] for s in seeds])} | "
+                     f"{mean_std_cell([final[s]['test_ap75'] for s in seeds])} | "
                      + ", ".join(f"{final[s]['test_ap']:.2f}" for s in seeds) + " |")
     lines += ["", "## PCD against the baselines", "",
               "Paired by seed; a difference wins or loses only when its 95% t-interval excludes 0.", "",
               "| pcd - other | metric | mean difference (AP points) | 95% interval | verdict |", "|---|---|---:|---|---|"]
-    pcd = _by_seed(rows, "pcd")
+    pcd = by_seed(rows, "pcd")
     for other in ("kd", "vanilla", "dkd", "pcd-released"):
         for metric, label in (("test_ap", "AP"), ("test_ap50", "AP50")):
-            diff = difference_row(pcd, _by_seed(rows, other), metric)
+            diff = difference_row(pcd, by_seed(rows, other), metric)
             if diff is not None:
                 mean, low, high, verdict = diff
                 lines.append(f"| pcd - {other} | {label} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {verdict} |")
-    lines += ["", "## Tuning (seed 0, val AP)", "",
-              "| variant | " + " | ".join(f"alpha x{a:g}" for a in plan.alpha_grid) + " | chosen alpha |",
-              "|---|" + "---:|" * (len(plan.alpha_grid) + 1)]
-    for variant in plan.variants:
-        tuned = {r["alpha"]: r["val_ap"] for r in rows if r["variant"] == variant.name and r["phase"] == "tune"}
-        if not tuned:
-            continue
-        final = _by_seed(rows, variant.name)
-        cells = [tuned.get(variant.alpha * a) for a in plan.alpha_grid]
-        chosen = final[min(final)]["alpha"] if final else None
-        lines.append(f"| {variant.name} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells)
-                     + f" | {'-' if chosen is None else f'{chosen:g}'} |")
+    lines += tuning_lines(plan.variants, plan.alpha_grid, rows, "val_ap", "val AP")
     return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from pcdistill.evidence.suite import (Job, Runner, Variant, _slug, choose_scale, difference_row, environment,
-                                      mean_std, write_rows)
+                                      by_seed, mean_std_cell, tuning_lines, write_rows)
 
 BUCKETS = ((1, 1), (2, 10), (11, 100), (101, None))
 DATASET = "python_stdlib"
@@ -294,15 +294,6 @@ def bucket_stats(rows: list[dict], teacher_dir: Path, pool=None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
-def _by_seed(rows: list[dict], variant: str, phase: str = "final") -> dict[int, dict]:
-    return {r["seed"]: r for r in rows if r["variant"] == variant and r["phase"] == phase}
-
-
-def _cell(values: list[float], digits: int = 2) -> str:
-    m, sd = mean_std(values)
-    return f"{m:.{digits}f} +- {sd:.{digits}f}"
-
-
 def report(plan: LMPlan, rows: list[dict], env: dict) -> str:
     recipe = plan.recipe
     teacher = next(r for r in rows if r["phase"] == "teacher")
@@ -325,40 +316,29 @@ def report(plan: LMPlan, rows: list[dict], env: dict) -> str:
              "| variant | alpha (chosen on val) | val ppl | test ppl (mean +- std) | test agreement % | test KL | "
              "test ppl per seed |", "|---|---:|---:|---:|---:|---:|---|"]
     for variant in plan.variants:
-        final = _by_seed(rows, variant.name)
+        final = by_seed(rows, variant.name)
         if not final:
             continue
         seeds = sorted(final)
         alpha = final[seeds[0]]["alpha"]
         lines.append(f"| {variant.name} | {'-' if alpha is None else f'{alpha:g}'} | "
                      f"{statistics.fmean(final[s]['val_ppl'] for s in seeds):.2f} | "
-                     f"{_cell([final[s]['test_ppl'] for s in seeds])} | "
-                     f"{_cell([final[s]['test_agree'] for s in seeds])} | "
-                     f"{_cell([final[s]['test_kl'] for s in seeds], 3)} | "
+                     f"{mean_std_cell([final[s]['test_ppl'] for s in seeds])} | "
+                     f"{mean_std_cell([final[s]['test_agree'] for s in seeds])} | "
+                     f"{mean_std_cell([final[s]['test_kl'] for s in seeds], 3)} | "
                      + ", ".join(f"{final[s]['test_ppl']:.2f}" for s in seeds) + " |")
     lines += ["", "## PCD against the baselines", "",
               "Paired by seed; a difference wins or loses only when its 95% t-interval excludes 0 (lower perplexity, "
               "higher agreement win).", "",
               "| pcd - other | metric | mean difference | 95% interval | verdict |", "|---|---|---:|---|---|"]
-    pcd = _by_seed(rows, "pcd")
+    pcd = by_seed(rows, "pcd")
     for other in ("kd", "vanilla", "dkd"):
         for metric, label, lower_is_better in (("test_ppl", "test ppl", True), ("test_agree", "agreement %", False)):
-            diff = difference_row(pcd, _by_seed(rows, other), metric)
+            diff = difference_row(pcd, by_seed(rows, other), metric)
             if diff is not None:
                 mean, low, high, verdict = diff
                 if lower_is_better:
                     verdict = {"wins": "loses", "loses": "wins"}.get(verdict, verdict)
                 lines.append(f"| pcd - {other} | {label} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {verdict} |")
-    lines += ["", "## Tuning (seed 0, val ppl)", "",
-              "| variant | " + " | ".join(f"alpha x{a:g}" for a in plan.alpha_grid) + " | chosen alpha |",
-              "|---|" + "---:|" * (len(plan.alpha_grid) + 1)]
-    for variant in plan.variants:
-        tuned = {r["alpha"]: r["val_ppl"] for r in rows if r["variant"] == variant.name and r["phase"] == "tune"}
-        if not tuned:
-            continue
-        final = _by_seed(rows, variant.name)
-        cells = [tuned.get(variant.alpha * a) for a in plan.alpha_grid]
-        chosen = final[min(final)]["alpha"] if final else None
-        lines.append(f"| {variant.name} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells)
-                     + f" | {'-' if chosen is None else f'{chosen:g}'} |")
+    lines += tuning_lines(plan.variants, plan.alpha_grid, rows, "val_ppl", "val ppl")
     return "\n".join(lines) + "\n"

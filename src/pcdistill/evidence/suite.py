@@ -311,6 +311,33 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def by_seed(rows: list[dict], variant: str, phase: str = "final") -> dict[int, dict]:
+    """``{seed: row}`` of one variant's runs in one phase of a suite's rows."""
+    return {r["seed"]: r for r in rows if r["variant"] == variant and r["phase"] == phase}
+
+
+def mean_std_cell(values: list[float], digits: int = 2) -> str:
+    m, sd = mean_std(values)
+    return f"{m:.{digits}f} +- {sd:.{digits}f}"
+
+
+def tuning_lines(variants, alpha_grid, rows: list[dict], metric: str, label: str) -> list[str]:
+    """The report's table of tuning runs: ``metric`` per variant and weight, and the alpha its finals used."""
+    lines = ["", f"## Tuning (seed 0, {label})", "",
+             "| variant | " + " | ".join(f"alpha x{a:g}" for a in alpha_grid) + " | chosen alpha |",
+             "|---|" + "---:|" * (len(alpha_grid) + 1)]
+    for variant in variants:
+        tuned = {r["alpha"]: r[metric] for r in rows if r["variant"] == variant.name and r["phase"] == "tune"}
+        if not tuned:
+            continue
+        final = by_seed(rows, variant.name)
+        cells = [tuned.get(variant.alpha * a) for a in alpha_grid]
+        chosen = final[min(final)]["alpha"] if final else None
+        lines.append(f"| {variant.name} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells)
+                     + f" | {'-' if chosen is None else f'{chosen:g}'} |")
+    return lines
+
+
 def paired_interval(a: list[float], b: list[float]) -> tuple[float, float, float]:
     """Mean of ``a - b`` over paired seeds and its 95% t-interval (nan half-width for one pair)."""
     diffs = [x - y for x, y in zip(a, b)]
