@@ -41,6 +41,20 @@ def test_a_finished_suite_is_not_redone(quick):
     assert {p: p.stat().st_mtime_ns for p in (quick / "runs").rglob("model.safetensors")} == stamps
 
 
+def test_a_run_of_another_config_is_refused_not_reused(quick):
+    import yaml
+    from pcdistill.config import ConfigError
+    from pcdistill.evidence.suite import run_once
+    run_dir = next(p.parent for p in (quick / "runs").rglob("model.safetensors") if "final" in p.parts)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    run_once(config, run_dir)  # the same experiment (paths as saved): read back
+    config["trainer"]["epochs"] += 1
+    config["trainer"]["threads"] = 2  # how it runs: never a reason to refuse
+    with pytest.raises(ConfigError, match=r"trainer\.epochs: \d+ there, \d+ now") as error:
+        run_once(config, run_dir)
+    assert str(run_dir) in str(error.value) and "threads" not in str(error.value)
+
+
 def test_bucket_analysis_writes_table_and_plot(quick):
     table = analyse(quick, "digits")
     assert "gap, rank 1" in table and "gap, rank 2-5" in table

@@ -363,7 +363,8 @@ RESUMABLE = ("trainer.epochs", "trainer.iterations", "optim.lr", "optim.clip_gra
              "trainer.checkpoint_every", "trainer.eval_batch_size", "data.root", "teacher.weights", "teacher.path")
 
 
-def _flat(cfg: Config) -> dict[str, object]:
+def flat_config(cfg: Config) -> dict[str, object]:
+    """``{"section.key": value}`` of every setting of ``cfg``."""
     out = {}
     for section, value in to_dict(cfg).items():
         if isinstance(value, dict):
@@ -380,7 +381,7 @@ def resume_config(saved: dict, overrides: list[str]) -> tuple[Config, dict[str, 
     """
     old = from_dict(saved)
     new = load_config(None, overrides, base=to_dict(old))
-    before, after = _flat(old), _flat(new)
+    before, after = flat_config(old), flat_config(new)
     changed = {k: (before[k], after[k]) for k in after if before[k] != after[k]}
     refused = [k for k in changed if k not in RESUMABLE]
     if refused:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from pcdistill import __version__
-from pcdistill.config import from_dict
+from pcdistill.config import ConfigError, flat_config, from_dict, read_yaml, resolve_paths
 from pcdistill.engine.records import read_metrics
 from pcdistill.engine.trainer import train
 
@@ -167,6 +167,7 @@ def _slug(text: str) -> str:
 def run_once(config: dict, out_dir: str | Path) -> dict:
     """Train ``config`` into ``out_dir`` unless it already finished there; resume it if it was killed."""
     out_dir = Path(out_dir)
+    _check_same_run(config, out_dir)
     if not (out_dir / "model.safetensors").exists():
         resume = (out_dir / "checkpoints" / "last.pt").exists()
         start = time.perf_counter()
@@ -179,6 +180,24 @@ def run_once(config: dict, out_dir: str | Path) -> dict:
     metrics = {k: v for k, v in last.items() if k.startswith(("val_", "test_"))}
     return {"val_acc": None, "test_acc": None} | metrics | {"epochs": last["epoch"], "seconds": round(seconds, 1),
                                                             "run_dir": str(out_dir)}
+
+
+# how a run is executed, not what it is: these may differ between a suite's config and a run it reuses
+_HOW = ("trainer.threads", "trainer.num_workers", "trainer.device", "trainer.log_every", "trainer.eval_batch_size")
+
+
+def _check_same_run(config: dict, out_dir: Path) -> None:
+    """Refuse to reuse or resume ``out_dir`` when the run there was started from a different experiment."""
+    saved_file = out_dir / "config.yaml"
+    if not saved_file.exists():
+        return
+    saved = flat_config(from_dict(read_yaml(saved_file)))
+    wanted = flat_config(resolve_paths(from_dict(config))[0])
+    changed = sorted(k for k in wanted if k not in _HOW and saved.get(k) != wanted[k])
+    if changed:
+        diff = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} now" for k in changed)
+        raise ConfigError(f"{out_dir} holds a run of a different config ({diff}); move that folder away "
+                          f"(or delete it) to run this recipe there")
 
 
 @dataclass
