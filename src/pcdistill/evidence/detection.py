@@ -80,7 +80,7 @@ def _options(fpn: int, head: int, size: int = 128, **extra) -> dict:
 
 FULL = DetectionRecipe(
     teacher="fasterrcnn_resnet18_fpn", teacher_options=_options(64, 256), teacher_epochs=8,
-    student="fasterrcnn_resnet18_fpn", student_options=_options(32, 128), epochs=3, tune_epochs=2,
+    student="fasterrcnn_resnet18_fpn", student_options=_options(32, 128), epochs=6, tune_epochs=2,
     data_options={"train_images": 768, "val_images": 128, "test_images": 256})
 _TINY = {"rpn_post_nms_top_n_train": 100, "rpn_post_nms_top_n_test": 50, "box_batch_size_per_image": 32}
 QUICK = DetectionRecipe(
