@@ -209,23 +209,24 @@ def test_frozen_output_layer_and_no_grad():
 
 
 def test_default_chunks_fit_the_memory_budget(monkeypatch):
-    """With a tiny budget the default chunking splits the rows: each chunk's four logits-sized arrays fit
-    3/4 of the budget, and the loss inside runs with the last quarter as its workspace."""
+    """With a tiny budget the default chunking splits the rows: each chunk's three logits-sized arrays fit
+    3/4 of the budget, and the loss's rows inside run with the last quarter as their workspace."""
     calls, budgets = [], []
+    rows_and_grads = fused_module.rows_and_grads
 
     def spy(s, *a, **k):
         calls.append(s.shape[0])
         budgets.append(memory_budget_mib())
-        return kd_loss(s, *a, **k)
+        return rows_and_grads(s, *a, **k)
 
-    monkeypatch.setitem(fused_module.LOSSES, "kd", spy)
+    monkeypatch.setattr(fused_module, "rows_and_grads", spy)
     x, _ = layers(leading=(40,), v_s=50, v_t=50, seed=10)
-    budget_mib = 0.05  # 40 rows x 50 classes x 8 bytes x 4 arrays would need 1.5x that
+    budget_mib = 0.04  # 40 rows x 50 classes x 8 bytes x 3 arrays would need 1.4x that
     with memory_budget(budget_mib):
         got = fused(x, "kd", {})
     assert memory_budget_mib() != budget_mib / 4  # restored after the call
     assert len(calls) > 1 and sum(calls) == 40
-    assert max(calls) * 50 * 8 * 4 <= 0.75 * budget_mib * 2**20  # float64 logits, 4 arrays
+    assert max(calls) * 50 * 8 * 3 <= 0.75 * budget_mib * 2**20  # float64 logits, 3 arrays
     assert budgets == [pytest.approx(budget_mib / 4, rel=1e-3)] * len(calls)
     assert_same(got, reference(x, "kd", {}))
 
@@ -290,18 +291,23 @@ def test_bad_shapes_name_the_problem(change, error, message):
 
 
 @pytest.mark.slow
-def test_traces_under_torch_compile():
+@pytest.mark.parametrize("method,options", [("pcd", {"stages": 2}), ("pcd", {"variant": "released", "stages": 2}),
+                                            ("dkd", {})], ids=["pcd", "pcd-released", "dkd"])
+def test_compiles_into_one_graph(method, options):
+    """fullgraph=True: every gradient is formed in closed form, nothing breaks the graph (no autograd.grad)."""
     x, target = layers(leading=(2, 3), seed=11)
+    target = target.clone()
+    target[0, 1] = -100  # an ignored row
 
     def loss_fn(h, w):
         return fused_linear_distill_loss(h, w, x["teacher_hidden"], x["teacher_weight"], target=target,
-                                         ce_weight=0.5, chunk_rows=2, stages=2)
+                                         method=method, ce_weight=0.5, chunk_rows=2, **options)
 
     torch._dynamo.reset()
     h, w = x["student_hidden"], x["student_weight"]
     want = loss_fn(h, w)
     want_grads = torch.autograd.grad(want, (h, w))
-    got = torch.compile(loss_fn, fullgraph=False)(h, w)
+    got = torch.compile(loss_fn, fullgraph=True)(h, w)
     got_grads = torch.autograd.grad(got, (h, w))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for g, r in zip(got_grads, want_grads):

@@ -3,7 +3,8 @@
 A loss is written as a *row function*: given a chunk of rows of student and teacher logits (in the
 compute dtype, masked classes already set to ``-inf`` in both), it returns each row's loss and, when
 asked, the gradient of each row's loss w.r.t. that row of student logits, in closed form.
-:class:`RowLoss` calls it chunk by chunk, so only one chunk's work arrays exist at a time, and keeps
+:func:`rows_and_grads` calls it chunk by chunk (:class:`RowLoss` for autograd; the fused output-layer loss
+directly), so only one chunk's work arrays exist at a time, and keeps
 the gradient (in the student's dtype) for the backward pass, which multiplies it by the incoming
 per-row weights. Peak extra memory is therefore one logits-sized gradient, the returned gradient in
 backward, and one chunk's workspace (:func:`set_memory_budget`). Everything is plain torch with no
@@ -13,6 +14,7 @@ forces no host-device sync.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Callable
 
@@ -88,29 +90,43 @@ def prepared_chunks(student, teacher, valid, class_mask, dtype: torch.dtype, wor
         yield start, stop, s, t
 
 
-class RowLoss(torch.autograd.Function):
-    """Per-row losses of ``fn`` over ``(N, C)`` logits, chunk by chunk; gradients to the student only.
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """A loss as rows: its row function, the row-sized work arrays it needs per row, and whether both
+    logits are standardised first. Each loss builds one from its checked options (e.g. ``kd_row_spec``)."""
 
-    Each chunk is prepared (:func:`prepare_rows`: compute dtype, invalid rows zeroed, ``class_mask``,
-    standardisation) before ``fn``; ``extra`` holds per-row tensors (e.g. targets) sliced with it.
-    """
+    fn: RowFn
+    work_arrays: int
+    standardize: bool = False
+
+
+def rows_and_grads(student, teacher, spec: RowSpec, dtype: torch.dtype, valid=None, class_mask=None, extra=(),
+                   want_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(N,)`` row losses of ``spec`` on ``(N, C)`` logits and, with ``want_grad``, each row loss's gradient
+    w.r.t. its student row (``(N, C)``, in the student's dtype; zero on invalid rows), chunk by chunk."""
+    out = torch.empty(student.shape[0], dtype=dtype, device=student.device)
+    grad = torch.empty_like(student) if want_grad else None
+    for start, stop, s, t in prepared_chunks(student, teacher, valid, class_mask, dtype, spec.work_arrays):
+        z_s, z_t = (masked_standardize(s), masked_standardize(t)) if spec.standardize else (s, t)
+        loss, g = spec.fn(z_s, z_t, tuple(x[start:stop] for x in extra), want_grad)
+        out[start:stop] = loss
+        if want_grad:
+            if spec.standardize:
+                g = standardize_backward(s, g)
+            if valid is not None:
+                g = torch.where(valid[start:stop, None], g, 0.0)
+            grad[start:stop] = g
+    return out, grad
+
+
+class RowLoss(torch.autograd.Function):
+    """Per-row losses of a :class:`RowSpec` over ``(N, C)`` logits (:func:`rows_and_grads`); gradients to the
+    student only, formed in the forward pass and scaled by the incoming per-row weights in backward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, fn: RowFn, work_arrays: int, dtype, valid, class_mask,
-                standardize: bool, *extra):
+    def forward(ctx, student, teacher, spec: RowSpec, dtype, valid, class_mask, *extra):
         want_grad = ctx.needs_input_grad[0]
-        out = torch.empty(student.shape[0], dtype=dtype, device=student.device)
-        grad = torch.empty_like(student) if want_grad else None
-        for start, stop, s, t in prepared_chunks(student, teacher, valid, class_mask, dtype, work_arrays):
-            z_s, z_t = (masked_standardize(s), masked_standardize(t)) if standardize else (s, t)
-            loss, g = fn(z_s, z_t, tuple(x[start:stop] for x in extra), want_grad)
-            out[start:stop] = loss
-            if want_grad:
-                if standardize:
-                    g = standardize_backward(s, g)
-                if valid is not None:
-                    g = torch.where(valid[start:stop, None], g, 0.0)
-                grad[start:stop] = g
+        out, grad = rows_and_grads(student, teacher, spec, dtype, valid, class_mask, extra, want_grad)
         if want_grad:
             ctx.save_for_backward(grad)
         return out
@@ -122,8 +138,7 @@ class RowLoss(torch.autograd.Function):
         return (student_grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
-def row_losses(student: torch.Tensor, teacher: torch.Tensor, fn: RowFn, *, work_arrays: int,
-               dtype: torch.dtype, valid=None, class_mask=None, standardize: bool = False,
-               extra: tuple = ()) -> torch.Tensor:
-    """``(N,)`` row losses of ``fn`` on ``(N, C)`` logits; the teacher is detached (a target, never trained)."""
-    return RowLoss.apply(student, teacher.detach(), fn, work_arrays, dtype, valid, class_mask, standardize, *extra)
+def row_losses(student: torch.Tensor, teacher: torch.Tensor, spec: RowSpec, *, dtype: torch.dtype, valid=None,
+               class_mask=None, extra: tuple = ()) -> torch.Tensor:
+    """``(N,)`` row losses of ``spec`` on ``(N, C)`` logits; the teacher is detached (a target, never trained)."""
+    return RowLoss.apply(student, teacher.detach(), spec, dtype, valid, class_mask, *extra)

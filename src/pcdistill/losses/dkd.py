@@ -6,7 +6,7 @@ import torch
 from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_class_mask, check_logits,
                       check_positive_finite, check_real, check_valid, compute_dtype, device_checks_enabled, flat_rows,
                       log_softmax_rows, reduce_rows, xlogy_diff)
-from ._rows import row_losses
+from ._rows import RowSpec, row_losses
 
 
 def _check_target(target, leading_shape, num_classes: int, mask: torch.Tensor | None, device) -> torch.Tensor:
@@ -56,6 +56,20 @@ def dkd_rows(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, alpha: float, be
     return loss, (alpha * d_tckd + beta * d_nckd) * temperature
 
 
+def dkd_row_spec(*, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+                 standardize: bool = False) -> RowSpec:
+    """:func:`dkd_loss` as rows (options checked); the rows' targets go in ``extra``."""
+    alpha = check_real("alpha", alpha)
+    beta = check_real("beta", beta)
+    temperature = check_positive_finite("temperature", temperature)
+    check_bool("standardize", standardize)
+
+    def rows(s, t, extra, want_grad):
+        return dkd_rows(s, t, extra[0], alpha, beta, temperature, want_grad)
+
+    return RowSpec(rows, work_arrays=14, standardize=standardize)
+
+
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, *,
              alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, standardize: bool = False,
              reduction: str = "mean", valid: torch.Tensor | None = None,
@@ -74,10 +88,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     ``valid``, ``class_mask``, masked classes and chunking as in :func:`pcdistill.losses.kd_loss`.
     """
     num_classes = check_logits(student_logits, teacher_logits)
-    alpha = check_real("alpha", alpha)
-    beta = check_real("beta", beta)
-    temperature = check_positive_finite("temperature", temperature)
-    check_bool("standardize", standardize)
+    spec = dkd_row_spec(alpha=alpha, beta=beta, temperature=temperature, standardize=standardize)
     check_choice("reduction", reduction, REDUCTIONS)
     leading = student_logits.shape[:-1]
     mask = check_valid(valid, leading, student_logits.device)
@@ -85,11 +96,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
     y = _check_target(target, leading, num_classes, mask, student_logits.device)
     s, t = flat_rows(student_logits, teacher_logits)
 
-    def rows(s, t, extra, want_grad):
-        return dkd_rows(s, t, extra[0], alpha, beta, temperature, want_grad)
-
-    row = row_losses(s, t, rows, work_arrays=14, dtype=compute_dtype(s, t), valid=mask, class_mask=classes,
-                     standardize=standardize, extra=(y,))
+    row = row_losses(s, t, spec, dtype=compute_dtype(s, t), valid=mask, class_mask=classes, extra=(y,))
     return reduce_rows(row, mask, reduction, leading)
 
 

@@ -3,7 +3,10 @@
 The ``(tokens, vocabulary)`` logits of student and teacher are never built for all tokens at once: rows
 are processed in chunks that fit the workspace budget, and each chunk's gradients w.r.t. the student's
 hidden states, weight and bias are computed inside the forward pass (the approach of Liger-Kernel's
-fused linear JSD / cross-entropy), so backward only scales them by the incoming gradient.
+fused linear JSD / cross-entropy), so backward only scales them by the incoming gradient. The gradient
+w.r.t. a chunk's logits is closed-form: the distillation term's from the row functions every loss of
+this package runs on (:class:`RowSpec`), the cross-entropy's ``softmax - onehot``; so no autograd runs
+inside and ``torch.compile(fullgraph=True)`` traces the whole call.
 """
 from __future__ import annotations
 
@@ -12,23 +15,22 @@ import inspect
 from numbers import Integral
 
 import torch
-import torch.nn.functional as F
 
 from pcdistill.registry import closest
 
 from ._common import (check_bool, check_class_mask, check_real, check_valid, compute_dtype, device_checks_enabled,
                       reduce_rows)
-from ._rows import memory_budget, memory_budget_mib
-from .dkd import dkd_loss
-from .kd import kd_loss
-from .pcd import _check_options, _check_stages, _ReleasedRows, pcd_loss
+from ._rows import RowSpec, memory_budget, memory_budget_mib, rows_and_grads
+from .dkd import dkd_loss, dkd_row_spec
+from .kd import kd_loss, kd_row_spec
+from .pcd import _check_options, _check_stages, pcd_loss, pcd_row_spec, released_grads, released_values
 
 FUSED_METHODS = ("vanilla", "kd", "dkd", "pcd")
 LOSSES = {"kd": kd_loss, "dkd": dkd_loss, "pcd": pcd_loss}
 SET_HERE = ("reduction", "valid", "class_mask")  # passed by the fused loss itself, not as a loss option
-# (rows, V)-sized arrays of a chunk: student logits (and a float32 copy of half ones), teacher logits, the
-# loss's kept gradient and the gradient autograd returns
-FUSED_ARRAYS = 4
+# (rows, V)-sized arrays of a chunk in the compute dtype: student logits (overwritten by their gradient),
+# teacher logits and the distillation term's gradient; half-precision weights add their own logits and casts
+FUSED_ARRAYS = 3
 # share of the memory budget for the chunk's logits; the loss's own workspace gets the rest. Chunks of few rows
 # re-read the whole output weights per chunk (at 128k classes 7 rows cost 2-3x the unfused time, 48 rows 1.1x)
 LOGITS_SHARE = 0.75
@@ -46,6 +48,7 @@ class _Plan:
     reduction: str
     step: int  # rows per chunk
     dtype: torch.dtype  # compute dtype of the losses
+    spec: RowSpec | None  # the distillation term as rows (None: vanilla, or PCD's released variant)
 
 
 def _loss_options(method: str, loss_kwargs: dict) -> dict:
@@ -63,6 +66,15 @@ def _loss_options(method: str, loss_kwargs: dict) -> dict:
     if isinstance(options.get("progress"), torch.Tensor) and options["progress"].numel() == 1:
         options["progress"] = options["progress"].item()  # once, not once per chunk (a device sync on CUDA)
     return options
+
+
+def _row_spec(method: str, options: dict, common: int, device) -> RowSpec:
+    """The distillation term of ``method`` with ``options`` as rows (the public loss's checks included)."""
+    if method == "kd":
+        return kd_row_spec(**options)
+    if method == "dkd":
+        return dkd_row_spec(**options)
+    return pcd_row_spec(common, device, **{k: v for k, v in options.items() if k != "variant"})
 
 
 def _check_linear(who: str, hidden, weight, bias, device=None) -> int:
@@ -129,59 +141,49 @@ def _chunks(rows: int, step: int):
 
 
 class _FusedLinearDistill(torch.autograd.Function):
-    """Value and, chunk by chunk inside forward, the gradients w.r.t. the student's hidden, weight and bias."""
+    """Value and, chunk by chunk inside forward, the gradients w.r.t. the student's hidden, weight and bias.
+    Every gradient is in closed form (the losses' row functions, softmax minus one-hot for the
+    cross-entropy), so the whole call traces into one ``torch.compile`` graph."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, y, counted, class_mask, plan: _Plan):
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         want_grad = want_h or want_w or want_b
-        rows, common, device = h_s.shape[0], plan.common, h_s.device
+        rows, device = h_s.shape[0], h_s.device
         acc = torch.float32 if w_s.dtype in (torch.float16, torch.bfloat16) else w_s.dtype  # weight-grad accumulator
         grad_h = torch.empty_like(h_s) if want_h else None
         grad_w = torch.zeros(w_s.shape, dtype=acc, device=device) if want_w else None
         grad_b = torch.zeros(w_s.shape[0], dtype=acc, device=device) if want_b else None
         distill = torch.zeros((), dtype=plan.dtype, device=device)
         ce = torch.zeros_like(distill)
-        released = plan.method == "pcd" and plan.options.get("variant") == "released"
-        if released:
-            keep_all = counted if counted is not None else torch.ones(rows, dtype=torch.bool, device=device)
-            count = keep_all.sum().to(plan.dtype).clamp_min(1)
-            kl_sum, weight_sum = _released_sums(h_s, w_s, b_s, h_t, w_t, b_t, keep_all, class_mask, plan)
-            distill = 2 * plan.options["stages"] * kl_sum * weight_sum / count
-        y_ce = None
+        keep_all = counted if counted is not None else torch.ones(rows, dtype=torch.bool, device=device)
+        released = None
+        if plan.spec is None and plan.method == "pcd":  # the released variant: batch sums first, then gradients
+            released = _released_sums(h_s, w_s, b_s, h_t, w_t, b_t, keep_all, class_mask, plan)
+            distill = released[0]
+        labelled = None
         if plan.with_ce:
-            y_ce = y if counted is None else torch.where(counted, y, plan.ignore_index)
-        chunks = _chunks(rows, plan.step) if want_grad or y_ce is not None or not released else ()
-        for start, stop in chunks:
-            keep = None if counted is None else counted[start:stop]
-            with torch.enable_grad():
-                z = _linear(h_s[start:stop].detach(), w_s.detach(), None if b_s is None else b_s.detach())
-                z = z.to(plan.dtype).requires_grad_(want_grad)  # the loss computes in this dtype anyway
-                z_common = z if common == z.shape[1] else z[:, :common]  # a full-width slice costs a copy in backward
-                objective = torch.zeros((), dtype=plan.dtype, device=device)
-                if plan.method != "vanilla" and (want_grad or not released):
-                    with torch.no_grad():
-                        z_t = _linear(h_t[start:stop], w_t[:common], None if b_t is None else b_t[:common])
-                    if released:
-                        kl, weight = _ReleasedRows.apply(z_common, z_t, keep_all[start:stop], class_mask,
-                                                         plan.options.get("standardize", False),
-                                                         plan.options["temperature"], plan.dtype)
-                        # d(2K A B / N) with the batch sums A (of KL) and B (of weights) fixed by the first pass
-                        objective = 2 * plan.options["stages"] / count * (
-                            weight_sum * reduce_rows(kl, keep_all[start:stop], "sum", kl.shape)
-                            + kl_sum * reduce_rows(weight, keep_all[start:stop], "sum", weight.shape))
-                    else:
-                        extra = (y[start:stop],) if plan.method == "dkd" else ()
-                        objective = LOSSES[plan.method](z_common, z_t, *extra, reduction="sum", valid=keep,
-                                                        class_mask=class_mask, **plan.options)
-                        distill = distill + objective.detach()
-                if y_ce is not None:
-                    with torch.set_grad_enabled(want_grad and plan.ce_weight != 0):
-                        part = F.cross_entropy(z, y_ce[start:stop], ignore_index=plan.ignore_index, reduction="sum")
-                    ce = ce + part.detach()
-                    objective = objective + plan.ce_weight * part
-                if want_grad:
-                    (g,) = torch.autograd.grad(objective, z)
+            labelled = y != plan.ignore_index if counted is None else counted
+        busy = want_grad or labelled is not None or plan.spec is not None
+        for start, stop in _chunks(rows, plan.step) if busy else ():
+            z = _linear(h_s[start:stop], w_s, b_s).to(plan.dtype)  # the loss computes in this dtype anyway
+            g = None
+            if plan.method != "vanilla" and (want_grad or released is None):
+                part, g = _distill_chunk(z, h_t[start:stop], w_t, b_t, y, counted, keep_all, class_mask, plan,
+                                         released, start, stop, want_grad)
+                distill = distill + part
+            if labelled is not None:
+                part, z = _cross_entropy_chunk(z, y[start:stop], labelled[start:stop],
+                                               want_grad and plan.ce_weight != 0, plan.ce_weight)
+                ce = ce + part
+                if want_grad and plan.ce_weight != 0:
+                    g = z if g is None else _add_columns(z, g)
+            if not want_grad:
+                continue
+            if g is None:
+                g = torch.zeros_like(z)
+            elif g.shape[1] != w_s.shape[0]:  # the distillation term covers only the shared classes
+                g = _add_columns(torch.zeros_like(z), g)
             if want_h:
                 grad_h[start:stop] = g.to(w_s.dtype) @ w_s
             if want_w:
@@ -204,21 +206,61 @@ class _FusedLinearDistill(torch.autograd.Function):
         return grads + (None,) * 7
 
 
+def _add_columns(into: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``into`` with ``g`` added to its first ``g.shape[1]`` columns, in place."""
+    into[:, :g.shape[1]] += g
+    return into
+
+
+def _distill_chunk(z, h_t, w_t, b_t, y, counted, keep_all, class_mask, plan: _Plan, released, start, stop,
+                   want_grad):
+    """One chunk's distillation term (summed over its counted rows) and its gradient w.r.t. ``z[:, :V]``."""
+    common = plan.common
+    z_common = z if common == z.shape[1] else z[:, :common]
+    z_t = _linear(h_t, w_t[:common], None if b_t is None else b_t[:common])
+    if released is not None:
+        # d(2K A B / N) with the batch sums A (of KL) and B (of weights) fixed by the first pass
+        _, kl_sum, weight_sum, count = released
+        coef = 2 * plan.options["stages"] / count
+        rows = stop - start
+        g = released_grads(z_common, z_t, keep_all[start:stop], class_mask, plan.options.get("standardize", False),
+                           plan.options["temperature"], plan.dtype, (coef * weight_sum).expand(rows),
+                           (coef * kl_sum).expand(rows))
+        return torch.zeros((), dtype=plan.dtype, device=z.device), g
+    keep = None if counted is None else counted[start:stop]
+    extra = (torch.where(keep_all[start:stop], y[start:stop], 0),) if plan.method == "dkd" else ()
+    loss, g = rows_and_grads(z_common, z_t, plan.spec, plan.dtype, keep, class_mask, extra, want_grad)
+    return reduce_rows(loss, keep, "sum", loss.shape), g
+
+
+def _cross_entropy_chunk(z, y, labelled, want_grad: bool, weight: float):
+    """The chunk's summed cross-entropy over its labelled rows and, with ``want_grad``, ``z`` overwritten by
+    ``weight`` x its gradient ``softmax(z) - onehot(y)`` (zero on unlabelled rows)."""
+    y = torch.where(labelled, y, 0).unsqueeze(-1)
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    part = torch.where(labelled, (lse - z.gather(-1, y)).squeeze(-1), 0.0).sum()
+    if want_grad:
+        z = z.sub_(lse).exp_()
+        z.scatter_add_(-1, y, torch.full_like(y, -1, dtype=z.dtype))
+        z.mul_(torch.where(labelled, weight, 0.0).to(z.dtype).unsqueeze(-1))
+    return part, z
+
+
 def _released_sums(h_s, w_s, b_s, h_t, w_t, b_t, keep, class_mask, plan: _Plan):
-    """First pass of the released variant: the batch sums of its row KLs and row weights (no gradient)."""
+    """First pass of the released variant: ``(2K A B / N, A, B, N)`` with the batch sums ``A`` of its row KLs
+    and ``B`` of its row weights over the ``N`` counted rows (no gradient)."""
     kl_sum = torch.zeros((), dtype=plan.dtype, device=h_s.device)
     weight_sum = torch.zeros_like(kl_sum)
     common = plan.common
-    with torch.no_grad():
-        for start, stop in _chunks(h_s.shape[0], plan.step):
-            z = _linear(h_s[start:stop], w_s[:common], None if b_s is None else b_s[:common])
-            z_t = _linear(h_t[start:stop], w_t[:common], None if b_t is None else b_t[:common])
-            kl, weight = _ReleasedRows.apply(z, z_t, keep[start:stop], class_mask,
-                                             plan.options.get("standardize", False), plan.options["temperature"],
-                                             plan.dtype)
-            kl_sum = kl_sum + reduce_rows(kl, keep[start:stop], "sum", kl.shape)
-            weight_sum = weight_sum + reduce_rows(weight, keep[start:stop], "sum", weight.shape)
-    return kl_sum, weight_sum
+    for start, stop in _chunks(h_s.shape[0], plan.step):
+        z = _linear(h_s[start:stop], w_s[:common], None if b_s is None else b_s[:common])
+        z_t = _linear(h_t[start:stop], w_t[:common], None if b_t is None else b_t[:common])
+        kl, weight = released_values(z, z_t, keep[start:stop], class_mask, plan.options.get("standardize", False),
+                                     plan.options["temperature"], plan.dtype)
+        kl_sum = kl_sum + reduce_rows(kl, keep[start:stop], "sum", kl.shape)
+        weight_sum = weight_sum + reduce_rows(weight, keep[start:stop], "sum", weight.shape)
+    count = keep.sum().to(plan.dtype).clamp_min(1)
+    return 2 * plan.options["stages"] * kl_sum * weight_sum / count, kl_sum, weight_sum, count
 
 
 def _mean_scale(counted, rows: int, plan: _Plan, device) -> torch.Tensor:
@@ -263,8 +305,8 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
 
     How (Liger-Kernel's fused linear JSD): rows go in chunks of ``chunk_rows`` (default: as many as fit
     3/4 of :func:`pcdistill.losses.memory_budget_mib`, the loss's workspace getting the last quarter);
-    per chunk both logits are formed,
-    the unfused loss gives d loss / d logits, and the gradients w.r.t. ``student_hidden``,
+    per chunk both logits are formed, the unfused loss's row function gives d loss / d logits in closed
+    form, and the gradients w.r.t. ``student_hidden``,
     ``student_weight`` and ``student_bias`` are accumulated in the forward pass (in float32 for a half
     precision weight); backward only scales them. The teacher gets no gradient. Memory: the gradients
     themselves plus the budget, whatever the number of tokens and classes.
@@ -335,10 +377,12 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
         check_bool("adaptive", options.get("adaptive", True))
     dtype = compute_dtype(student_weight, student_weight if w_t is None else w_t)
     budget = memory_budget_mib() * 2**20
-    row_bytes = max(vocab, common) * torch.finfo(dtype).bits // 8 * FUSED_ARRAYS
+    arrays = FUSED_ARRAYS + (student_weight.dtype != dtype)
+    row_bytes = max(vocab, common) * torch.finfo(dtype).bits // 8 * arrays
     step = chunk_rows or min(h_s.shape[0], int(budget * LOGITS_SHARE) // row_bytes)
     plan = _Plan(method, options, common, ce_weight, ignore_index, y is not None and (ce_weight != 0 or return_parts),
-                 reduction, max(1, step), dtype)
+                 reduction, max(1, step), dtype, None if released or method == "vanilla"
+                 else _row_spec(method, options, common, device))
     with memory_budget(memory_budget_mib() * (1 - LOGITS_SHARE)):  # the loss's workspace inside each chunk
         total, distill, ce = _FusedLinearDistill.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, y, counted,
                                                        classes, plan)

@@ -6,7 +6,7 @@ import torch
 from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_class_mask, check_logits,
                       check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows, reduce_rows,
                       xlogy_diff)
-from ._rows import row_losses
+from ._rows import RowSpec, row_losses
 
 
 def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
@@ -17,6 +17,17 @@ def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: boo
     loss = xlogy_diff(p_t, log_p_t, log_p_s).sum(-1) * temperature**2
     grad = (log_p_s.exp() - p_t) * temperature if want_grad else None
     return loss, grad
+
+
+def kd_row_spec(*, temperature: float = 4.0, standardize: bool = False) -> RowSpec:
+    """:func:`kd_loss` as rows (options checked)."""
+    temperature = check_positive_finite("temperature", temperature)
+    check_bool("standardize", standardize)
+
+    def rows(s, t, extra, want_grad):
+        return kd_rows(s, t, temperature, want_grad)
+
+    return RowSpec(rows, work_arrays=8, standardize=standardize)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 4.0,
@@ -39,19 +50,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     Rows are processed in chunks under :func:`pcdistill.losses.set_memory_budget`.
     """
     num_classes = check_logits(student_logits, teacher_logits)
-    temperature = check_positive_finite("temperature", temperature)
-    check_bool("standardize", standardize)
+    spec = kd_row_spec(temperature=temperature, standardize=standardize)
     check_choice("reduction", reduction, REDUCTIONS)
     leading = student_logits.shape[:-1]
     mask = check_valid(valid, leading, student_logits.device)
     classes = check_class_mask(class_mask, num_classes, student_logits.device)
     s, t = flat_rows(student_logits, teacher_logits)
-
-    def rows(s, t, extra, want_grad):
-        return kd_rows(s, t, temperature, want_grad)
-
-    row = row_losses(s, t, rows, work_arrays=8, dtype=compute_dtype(s, t), valid=mask, class_mask=classes,
-                     standardize=standardize)
+    row = row_losses(s, t, spec, dtype=compute_dtype(s, t), valid=mask, class_mask=classes)
     return reduce_rows(row, mask, reduction, leading)
 
 

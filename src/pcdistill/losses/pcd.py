@@ -15,7 +15,7 @@ from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_cl
                       check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows,
                       masked_standardize, reduce_rows, xlogy_diff)
 from ._pcd_rows import COS_EPS, WORK_ARRAYS, pcd_rows
-from ._rows import prepared_chunks, row_losses, standardize_backward
+from ._rows import RowSpec, prepared_chunks, row_losses, standardize_backward
 
 SCHEDULES = ("joint", "curriculum")
 RANK_BY = ("abs_diff", "teacher", "none")
@@ -61,35 +61,46 @@ def released_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_gra
     return kl, weight, (p_s * mass_t - p_t) * temperature, d_weight
 
 
+def released_values(student, teacher, valid, class_mask, standardize: bool, temperature: float, dtype):
+    """``(N,)`` row KLs and row weights of the released variant, chunked (no gradient)."""
+    rows = student.shape[0]
+    kl = torch.empty(rows, dtype=dtype, device=student.device)
+    weight = torch.empty_like(kl)
+    for start, stop, s, t in prepared_chunks(student, teacher, valid, class_mask, dtype, RELEASED_WORK_ARRAYS):
+        if standardize:
+            s, t = masked_standardize(s), masked_standardize(t)
+        kl[start:stop], weight[start:stop], _, _ = released_rows(s, t, temperature, False)
+    return kl, weight
+
+
+def released_grads(student, teacher, valid, class_mask, standardize: bool, temperature: float, dtype,
+                   grad_kl: torch.Tensor, grad_weight: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. the student logits of ``sum_i grad_kl_i KL_i + grad_weight_i w_i`` (``(N,)`` each)."""
+    grad = torch.empty_like(student)
+    for start, stop, s, t in prepared_chunks(student, teacher, valid, class_mask, dtype, RELEASED_WORK_ARRAYS):
+        z_s, z_t = (masked_standardize(s), masked_standardize(t)) if standardize else (s, t)
+        _, _, d_kl, d_weight = released_rows(z_s, z_t, temperature, True)
+        g = grad_kl[start:stop, None] * d_kl + grad_weight[start:stop, None] * d_weight
+        if standardize:
+            g = standardize_backward(s, g)
+        grad[start:stop] = torch.where(valid[start:stop, None], g, 0.0)
+    return grad
+
+
 class _ReleasedRows(torch.autograd.Function):
-    """Row KL and weight of the released variant, chunked; backward recomputes each chunk (the variant
-    couples rows through its batch-mean weight, so no per-row gradient can be formed in the forward)."""
+    """Row KL and weight of the released variant; backward recomputes each chunk (the variant couples rows
+    through its batch-mean weight, so no per-row gradient can be formed in the forward)."""
 
     @staticmethod
     def forward(ctx, student, teacher, valid, class_mask, standardize, temperature, dtype):
-        rows, num_classes = student.shape
-        kl = torch.empty(rows, dtype=dtype, device=student.device)
-        weight = torch.empty_like(kl)
-        for start, stop, s, t in prepared_chunks(student, teacher, valid, class_mask, dtype, RELEASED_WORK_ARRAYS):
-            if standardize:
-                s, t = masked_standardize(s), masked_standardize(t)
-            kl[start:stop], weight[start:stop], _, _ = released_rows(s, t, temperature, False)
         ctx.save_for_backward(student, teacher, valid, class_mask)
         ctx.options = (standardize, temperature, dtype)
-        return kl, weight
+        return released_values(student, teacher, valid, class_mask, standardize, temperature, dtype)
 
     @staticmethod
     def backward(ctx, grad_kl, grad_weight):
         student, teacher, valid, class_mask = ctx.saved_tensors
-        standardize, temperature, dtype = ctx.options
-        grad = torch.empty_like(student)
-        for start, stop, s, t in prepared_chunks(student, teacher, valid, class_mask, dtype, RELEASED_WORK_ARRAYS):
-            z_s, z_t = (masked_standardize(s), masked_standardize(t)) if standardize else (s, t)
-            _, _, d_kl, d_weight = released_rows(z_s, z_t, temperature, True)
-            g = grad_kl[start:stop, None] * d_kl + grad_weight[start:stop, None] * d_weight
-            if standardize:
-                g = standardize_backward(s, g)
-            grad[start:stop] = torch.where(valid[start:stop, None], g, 0.0)
+        grad = released_grads(student, teacher, valid, class_mask, *ctx.options, grad_kl, grad_weight)
         return grad, None, None, None, None, None, None
 
 
@@ -112,10 +123,11 @@ def set_pcd_backend(name: str) -> None:
     _backend = name
 
 
-def _row_function(s: torch.Tensor, num_classes: int, stage_groups: list[int]):
+def _row_function(device: torch.device, num_classes: int, stage_groups: list[int]):
     """The Triton kernel on CUDA (eager, where triton imports), else the plain-torch rows of ``_pcd_rows``."""
     few_atoms = sum(g - 1 for g in set(stage_groups)) < num_classes  # K near C: rank positions as atoms
-    wanted = _backend == "triton" or (_backend == "auto" and s.is_cuda and not torch.compiler.is_compiling())
+    wanted = _backend == "triton" or (_backend == "auto" and device.type == "cuda"
+                                      and not torch.compiler.is_compiling())
     if wanted and few_atoms:
         try:
             from ._pcd_triton import pcd_rows_triton
@@ -152,6 +164,23 @@ def _check_options(temperature, schedule, progress, rank_by, variant, reduction)
     if schedule == "curriculum" and variant == "paper" and progress is None:
         raise ValueError('schedule="curriculum" needs progress, the fraction of training done, in [0, 1]')
     return temperature, progress
+
+
+def pcd_row_spec(num_classes: int, device: torch.device, *, temperature: float = 4.0, stages: int = 3,
+                 schedule: str = "joint", progress: float | None = None, rank_by: str = "abs_diff",
+                 adaptive: bool = True, standardize: bool = False) -> RowSpec:
+    """:func:`pcd_loss` (the paper variant) as rows over ``num_classes`` classes on ``device`` (options checked)."""
+    stages = _check_stages(stages, num_classes)
+    temperature, progress = _check_options(temperature, schedule, progress, rank_by, "paper", "mean")
+    check_bool("adaptive", adaptive)
+    check_bool("standardize", standardize)
+    stage_groups, factor = stage_sequence(stages, schedule, progress)
+    fn = _row_function(torch.device(device), num_classes, stage_groups)
+
+    def rows(s, t, extra, want_grad):
+        return fn(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad)
+
+    return RowSpec(rows, work_arrays=WORK_ARRAYS, standardize=standardize)
 
 
 def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 4.0,
@@ -196,16 +225,9 @@ def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temp
     if variant == "released":
         keep = mask if mask is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
         return _released_loss(s, t, keep, classes, standardize, temperature, stages, mask, reduction, leading)
-
-    stage_groups, factor = stage_sequence(stages, schedule, progress)
-
-    fn = _row_function(s, num_classes, stage_groups)
-
-    def rows(s, t, extra, want_grad):
-        return fn(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad)
-
-    row = row_losses(s, t, rows, work_arrays=WORK_ARRAYS, dtype=compute_dtype(s, t), valid=mask,
-                     class_mask=classes, standardize=standardize)
+    spec = pcd_row_spec(num_classes, s.device, temperature=temperature, stages=stages, schedule=schedule,
+                        progress=progress, rank_by=rank_by, adaptive=adaptive, standardize=standardize)
+    row = row_losses(s, t, spec, dtype=compute_dtype(s, t), valid=mask, class_mask=classes)
     return reduce_rows(row, mask, reduction, leading)
 
 
