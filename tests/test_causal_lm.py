@@ -159,6 +159,13 @@ def test_eval_of_a_run_folder_gives_its_final_perplexity(runs):
     assert f"test: ppl {last['test_ppl']:.2f}" in out and f"val: ppl {last['val_ppl']:.2f}" in out
 
 
+def test_eval_of_a_distillation_config_evaluates_its_teacher(runs):
+    rc, out, err = cli("eval", str(runs["tmp"] / "pcd.yaml"))
+    assert rc == 0, err[-2000:]
+    last = read_metrics(runs["tmp"] / "teacher")[-1]  # the teacher run's own final evaluation
+    assert f"test: ppl {last['test_ppl']:.2f}" in out and f"val: ppl {last['val_ppl']:.2f}" in out
+
+
 def test_bad_configs_are_refused_with_the_reason(runs, tmp_path):
     teacher_dir = runs["tmp"] / "teacher"
     with pytest.raises(ConfigError, match="'dist'.*no form fused"):

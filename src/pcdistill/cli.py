@@ -82,10 +82,16 @@ def cmd_eval(args) -> int:
                           f"config.yaml and model.safetensors), a .safetensors file, or a distillation config")
     if target.suffix in (".yaml", ".yml"):  # a distillation config: evaluate its teacher
         cfg = load_config(target, overrides)
-        if not cfg.teacher.name or not cfg.teacher.weights:
-            raise ConfigError(f"{str(target)!r} names no teacher with weights; set teacher.name and teacher.weights")
-        cfg.model = ModelConfig(name=cfg.teacher.name, options=cfg.teacher.options)
-        weights = cfg.teacher.weights
+        if cfg.teacher.name and cfg.teacher.path:  # a causal LM teacher: its folder holds model and tokenizer
+            cfg.model = ModelConfig(name="hf", weights=cfg.teacher.path)
+            cfg.data.options = cfg.data.options | {"tokenizer": cfg.teacher.path}
+            weights = None
+        elif not cfg.teacher.name or not cfg.teacher.weights:
+            raise ConfigError(f"{str(target)!r} names no teacher with weights; set teacher.name and teacher.weights "
+                              f"(teacher.path for a causal LM)")
+        else:
+            cfg.model = ModelConfig(name=cfg.teacher.name, options=cfg.teacher.options)
+            weights = cfg.teacher.weights
     else:
         folder = target if target.is_dir() else target.parent
         weights = target / "model.safetensors" if target.is_dir() else target

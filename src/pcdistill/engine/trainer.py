@@ -312,16 +312,19 @@ def _non_finite_message(cfg: Config, out_dir: Path, losses: dict, epoch: int, ba
             f"(step {saved_at[1]}); continue from there with `pcdistill train --resume {out_dir} {lower}`{amp}.")
 
 
-def evaluate_weights(cfg: Config, weights: str | Path, splits=("val", "test")) -> dict[str, dict[str, float]]:
-    """Metrics of the network in ``weights`` (built as ``cfg.model``) on the requested splits."""
+def evaluate_weights(cfg: Config, weights: str | Path | None, splits=("val", "test")) -> dict[str, dict[str, float]]:
+    """Metrics of the network in ``weights`` (built as ``cfg.model``; None: ``cfg.model`` as it loads itself,
+    e.g. a causal LM folder in ``model.weights``) on the requested splits."""
     from pcdistill.models.weights import load_weights
     eval_cfg = from_dict(to_dict(cfg) | {"distill": {}, "teacher": {}})
-    eval_cfg.model.weights = None  # ``weights`` replaces any initial weights
+    if weights is not None:
+        eval_cfg.model.weights = None  # ``weights`` replaces any initial weights
     ctx = distributed.setup(eval_cfg.trainer.device)
     try:
         task = build_task(eval_cfg, ctx)
         try:
-            load_weights(task.student, weights)
+            if weights is not None:
+                load_weights(task.student, weights)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(str(err)) from None
         task.student.to(ctx.device).eval()
