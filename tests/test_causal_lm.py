@@ -166,6 +166,16 @@ def test_eval_of_a_distillation_config_evaluates_its_teacher(runs):
     assert f"test: ppl {last['test_ppl']:.2f}" in out and f"val: ppl {last['val_ppl']:.2f}" in out
 
 
+def test_load_model_rebuilds_a_run_from_its_weights_file(runs):
+    from pcdistill import load_model
+    from pcdistill.lm.models import create_causal_lm
+    run = runs["tmp"] / "pcd"
+    rebuilt, exported = load_model(run / "model.safetensors"), create_causal_lm({"path": str(run / "hf")}).eval()
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(ids).logits, exported(ids).logits, rtol=0, atol=0)
+
+
 def test_bad_configs_are_refused_with_the_reason(runs, tmp_path):
     teacher_dir = runs["tmp"] / "teacher"
     with pytest.raises(ConfigError, match="'dist'.*no form fused"):

@@ -159,3 +159,28 @@ def last_hidden_states(model: nn.Module, input_ids: torch.Tensor,
 def full_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The model's own logits ``(B, L, V)`` (the unfused path: softcapping and scaling included)."""
     return model(input_ids=input_ids, attention_mask=attention_mask, **_no_cache(model)).logits
+
+
+def save_tied_once(model: nn.Module) -> None:
+    """State dicts of ``model`` name a tied tensor once (safetensors refuses two names for one tensor, e.g. GPT-2's
+    shared input and output embeddings); loading accepts the missing alias, which the tie fills."""
+    first: dict[int, str] = {}
+    aliases = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases.append(name)
+        else:
+            first[id(param)] = name
+    if not aliases:
+        return
+
+    def drop(module, state_dict, prefix, local_metadata):
+        for alias in aliases:
+            state_dict.pop(prefix + alias, None)
+
+    def allow(module, incompatible):
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                        if not any(k == a or k.endswith("." + a) for a in aliases)]
+
+    model.register_state_dict_post_hook(drop)
+    model.register_load_state_dict_post_hook(allow)

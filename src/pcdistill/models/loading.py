@@ -13,13 +13,16 @@ def load_model(path: str | Path) -> nn.Module:
     """The network a ``pcdistill train`` run trained, rebuilt from its weights file and loaded, in eval mode.
 
     ``path`` is a run folder or its ``model.safetensors``; the model name, options and class count come
-    from the file's metadata, so no config is needed. Use it as the teacher of your own loop.
+    from the file's metadata, so no config is needed. Use it as the teacher of your own loop. A causal_lm
+    run gives its Hugging Face model (the same as ``AutoModelForCausalLM.from_pretrained(run / "hf")``).
     """
     path = resolve_weights(path)
     if not is_safetensors(path):
         raise ValueError(f"{str(path)!r} is not a safetensors file written by `pcdistill train` (a .pt file is a "
                          f"training checkpoint); pass the run folder or its model.safetensors")
     meta = read_metadata(path)
+    if meta.get("task") == "causal_lm":
+        return _causal_lm(path, meta)
     if "model" not in meta or "num_classes" not in meta:
         raise ValueError(f"weights file {str(path)!r} has no model metadata (model, num_classes); it was not "
                          f"written by `pcdistill train`: build the model yourself and use load_weights")
@@ -30,5 +33,22 @@ def load_model(path: str | Path) -> nn.Module:
     else:
         net = create(meta["model"], num_classes=meta["num_classes"], in_channels=meta.get("in_channels"),
                             **options)
+    load_weights(net, path)
+    return net.eval()
+
+
+def _causal_lm(path: Path, meta: dict) -> nn.Module:
+    """A causal_lm run's student: its config type, options and vocabulary size from the metadata, then its weights."""
+    from pcdistill.lm.models import CONFIGS, create_causal_lm, save_tied_once
+    name = meta.get("model")
+    if name == "hf" or name not in CONFIGS:  # started from a folder: the run's hf/ export has the whole config
+        folder = Path(path).parent / "hf"
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{str(path)!r} is a causal LM started from a pretrained folder; its config is in the "
+                             f"run's hf/ folder, which is missing: load {str(folder)!r} with from_pretrained")
+        return create_causal_lm({"path": str(folder)}).eval()
+    net = create_causal_lm({"config": name} | dict(meta.get("model_options") or {})
+                           | {"vocab_size": meta["vocab_size"]})
+    save_tied_once(net)  # the file names a tied tensor once, as the run saved it
     load_weights(net, path)
     return net.eval()

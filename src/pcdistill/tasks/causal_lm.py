@@ -36,7 +36,7 @@ from pcdistill.data.base import DatasetError
 from pcdistill.data.text import build_corpus
 from pcdistill.lm.data import TokenBlockLoader, encode_documents, token_blocks
 from pcdistill.lm.distill import CausalLMDistiller
-from pcdistill.lm.models import CONFIGS, create_causal_lm, full_logits
+from pcdistill.lm.models import CONFIGS, create_causal_lm, full_logits, save_tied_once
 from pcdistill.lm.tokenizer import load_tokenizer, tokenizer_difference, train_tokenizer
 from pcdistill.tasks.base import Task, check_loss_fits
 
@@ -173,31 +173,6 @@ def random_init(name: str, options: dict, tokenizer) -> nn.Module:
         return create_causal_lm({"config": name} | ids | options | {"vocab_size": vocab})
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model.options: {err}") from None
-
-
-def save_tied_once(model: nn.Module) -> None:
-    """State dicts of ``model`` name a tied tensor once (safetensors refuses two names for one tensor, e.g. GPT-2's
-    shared input and output embeddings); loading accepts the missing alias, which the tie fills."""
-    first: dict[int, str] = {}
-    aliases = []
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases.append(name)
-        else:
-            first[id(param)] = name
-    if not aliases:
-        return
-
-    def drop(module, state_dict, prefix, local_metadata):
-        for alias in aliases:
-            state_dict.pop(prefix + alias, None)
-
-    def allow(module, incompatible):
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
-                                        if not any(k == a or k.endswith("." + a) for a in aliases)]
-
-    model.register_state_dict_post_hook(drop)
-    model.register_load_state_dict_post_hook(allow)
 
 
 # ----------------------------------------------------------------------------------------------
