@@ -72,6 +72,17 @@ def test_paired_interval_is_the_t_interval():
         assert value == pytest.approx(stats.t.ppf(0.975, dof), abs=1e-3)
 
 
+def test_bucket_gaps_with_fewer_classes_than_the_buckets_reach():
+    torch.manual_seed(1)
+    student, teacher = torch.randn(4, 8), torch.randn(4, 8)
+    got = bucket_gaps(student, teacher)  # buckets 1, 2-5, 6-20, 21+: the third is cut at 8, the last is empty
+    assert set(got) == {"1", "2-5", "6-20"}
+    log_t, log_s = torch.log_softmax(teacher.double(), 1), torch.log_softmax(student.double(), 1)
+    order = log_t.argsort(1, descending=True)[:, 5:]
+    want = (log_t.gather(1, order) - log_s.gather(1, order)).abs().mean().item()
+    assert got["6-20"][0] == pytest.approx(want, rel=1e-12)
+
+
 def test_bucket_gaps_against_a_per_sample_loop():
     torch.manual_seed(0)
     student, teacher = torch.randn(5, 30), torch.randn(5, 30) * 2

@@ -53,13 +53,22 @@ def bucket_gaps(student: torch.Tensor, teacher: torch.Tensor, buckets=BUCKETS) -
     """Per bucket of teacher rank (``buckets``: inclusive 1-based (low, high) ranks, high None for the rest):
     (mean |log p_t - log p_s|, mean within-bucket KL)."""
     log_t, log_s = torch.log_softmax(teacher.double(), -1), torch.log_softmax(student.double(), -1)
-    order = torch.argsort(log_t, dim=-1, descending=True)
-    log_t, log_s = log_t.gather(-1, order), log_s.gather(-1, order)
+    rows, num_classes = log_t.shape
+    # only the bounded buckets need the ranking: the teacher's top k, not a sort of every class (32k-150k for an LM)
+    k = min(num_classes, max([high for _, high in buckets if high is not None] + [0]))
+    top = torch.topk(log_t, k, dim=-1, sorted=True).indices
+    rest = torch.ones_like(log_t, dtype=torch.bool).scatter_(-1, top, False)  # ranks k+1.. in class order
     out = {}
     for low, high in buckets:
-        if low > log_t.shape[-1]:
+        if low > num_classes:
             continue
-        t, s = log_t[:, low - 1:high], log_s[:, low - 1:high]
+        if high is not None or k == num_classes:  # within the ranked top k (all classes when few)
+            picked = top[:, low - 1:high]
+            t, s = log_t.gather(-1, picked), log_s.gather(-1, picked)
+        elif low == k + 1:
+            t, s = log_t[rest].view(rows, -1), log_s[rest].view(rows, -1)
+        else:
+            raise ValueError(f"buckets must be contiguous ranks from 1 with at most one open last bucket; got {buckets}")
         gap = (t - s).abs().mean().item()
         qt, qs = torch.log_softmax(t, -1), torch.log_softmax(s, -1)
         kl = (qt.exp() * (qt - qs)).sum(-1).mean().item()
