@@ -57,3 +57,26 @@ def test_lm_bench_runs_every_method_and_its_fused_value_equals_unfused(capsys, m
     unfused = bench.measure_memory("KD", "unfused", "256x8x4096:fp32", "cpu")
     fused = bench.measure_memory("KD", "fused", "256x8x4096:fp32", "cpu")
     assert unfused["peak"] >= 10 * 2**20 and fused["peak"] < unfused["peak"] / 3
+
+
+def test_lm_steps_counts_every_run_of_the_suite():
+    bench = load("lm_steps")
+    from pcdistill.evidence import lm
+    plan = lm.full_plan()  # 1 teacher, vanilla x 3 seeds, 5 distilled variants x (3 tuning + 3 final seeds)
+    counts = bench.suite_counts(plan, steps_per_epoch=10, val_batches=2, test_batches=3, bucket_batches=4)
+    r = plan.recipe
+    assert counts["teacher"] == r.teacher_epochs * 10
+    assert counts["vanilla"] == 3 * r.epochs * 10
+    assert counts["pcd"] == 3 * r.epochs * 10 + 3 * r.tune_iterations
+    assert counts["eval"] == (1 + 3 + 5 * 6) * (2 + 3)
+    assert counts["buckets"] == 6 * 3 * 4
+
+
+@pytest.mark.slow
+def test_lm_steps_quick_prints_every_kind(capsys):
+    bench = load("lm_steps")
+    assert bench.main(["--quick", "--processes", "1"]) == 0
+    out = capsys.readouterr().out
+    for kind in bench.KINDS:
+        assert f"| {kind} | " in out
+    assert "h of wall time" in out

@@ -1,0 +1,169 @@
+"""Step times of the language-model suite's runs, and the wall time of the whole suite they imply.
+
+For the suite's recipe (``pcdistill.evidence.lm.FULL``): the median seconds of one training step
+(forward, backward, AdamW; random tokens of one batch, batch x block_size) of the teacher and of
+every student variant through the real models and ``CausalLMDistiller``; of one evaluation batch
+(student and teacher logits, CE, agreement, KL); and of one batch of the test-token pass (8 blocks,
+``bucket_gaps``). ``--processes 2`` (the default) times in two processes at once, one thread each,
+as the suite runs them: two side-by-side processes share the memory bandwidth and run slower than
+one alone. The estimate is the sum, over every run of the suite, of its steps and evaluation
+batches at these times, divided by the processes (phase ends, where one worker waits for the
+other, are not counted).
+
+    python bench/lm_steps.py                 # the full recipe, two processes, 4 timed steps each
+    python bench/lm_steps.py --quick         # the --quick recipe, one step: seconds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from pcdistill.evidence import lm
+
+KINDS = ["teacher"] + [v.name for v in lm.VARIANTS] + ["eval", "buckets"]
+
+
+def _models(recipe: lm.LMRecipe):
+    from pcdistill.lm.models import create_causal_lm
+    vocab = recipe.data_options["vocab_size"]
+    make = (lambda options: create_causal_lm({"config": recipe.model, "vocab_size": vocab} | options))
+    return make(recipe.teacher), make(recipe.student), vocab
+
+
+def _timed(fn, steps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def worker(quick: bool, steps: int) -> dict[str, float]:
+    """{kind: median seconds} in this process, one thread."""
+    import torch.nn.functional as F
+
+    from pcdistill.evidence.analysis import bucket_gaps
+    from pcdistill.lm.distill import CausalLMDistiller
+    from pcdistill.lm.models import full_logits
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    recipe = lm.QUICK if quick else lm.FULL
+    teacher, student, vocab = _models(recipe)
+    block = recipe.data_options["block_size"]
+    ids = torch.randint(0, vocab, (recipe.batch_size, block))
+    out = {}
+
+    def train_step(module: CausalLMDistiller, optimizer):
+        def step():
+            _, parts = module(ids, ids, epoch=1.0, progress=0.5)
+            sum(parts.values()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    def distiller(variant) -> CausalLMDistiller:  # built when timed: a teacher-holding one freezes the teacher
+        d = variant.distill(1.0, 0.0)
+        if d["method"] == "vanilla":
+            return CausalLMDistiller(student, None, loss="vanilla")
+        return CausalLMDistiller(student, teacher, loss=d["method"], loss_options=d["loss"], alpha=d["alpha"],
+                                 ce_weight=d["ce_weight"])
+
+    runs = [("teacher", lambda: CausalLMDistiller(teacher, None, loss="vanilla"))]
+    runs += [(v.name, lambda v=v: distiller(v)) for v in lm.VARIANTS]
+    for name, build in runs:
+        module = build().train()
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+        out[name] = _timed(train_step(module, optimizer), steps)
+
+    @torch.no_grad()
+    def evaluate():
+        s, t = full_logits(student, ids)[:, :-1].float(), full_logits(teacher, ids)[:, :-1].float()
+        F.cross_entropy(s.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        (s.argmax(-1) == t.argmax(-1)).sum()
+        F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")
+
+    test_ids = ids[:8]
+
+    @torch.no_grad()
+    def buckets():
+        s = full_logits(student, test_ids)[:, :-1].flatten(0, 1).float()
+        t = full_logits(teacher, test_ids)[:, :-1].flatten(0, 1).float()
+        bucket_gaps(s, t, lm.BUCKETS)
+        F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")
+
+    student.eval()
+    out["eval"] = _timed(evaluate, steps)
+    out["buckets"] = _timed(buckets, steps)
+    return out
+
+
+def suite_counts(plan: lm.LMPlan, steps_per_epoch: int, val_batches: int, test_batches: int,
+                 bucket_batches: int) -> dict[str, float]:
+    """{kind: how many of it the suite runs}: training steps per run kind, evaluation and bucket batches."""
+    recipe, seeds, grid = plan.recipe, len(plan.seeds), len(plan.alpha_grid)
+    counts = {"teacher": recipe.teacher_epochs * steps_per_epoch}
+    runs = 1
+    for variant in plan.variants:
+        finals = seeds * recipe.epochs * steps_per_epoch
+        tuning = 0 if variant.method == "vanilla" else grid * recipe.tune_iterations
+        counts[variant.name] = finals + tuning
+        runs += seeds + (0 if variant.method == "vanilla" else grid)
+    counts["eval"] = runs * (val_batches + test_batches)  # each run evaluates val and test once, at its end
+    counts["buckets"] = len(plan.variants) * seeds * bucket_batches
+    return counts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", type=int, default=2, help="processes timing side by side (the suite's --jobs)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per kind (median), after one warm-up")
+    parser.add_argument("--quick", action="store_true", help="the --quick recipe, one timed step")
+    # the full recipe's data (README "Evidence: the stdlib suite"): 214k / 17k / 23k train / val / test tokens
+    parser.add_argument("--steps-per-epoch", type=int, default=104)
+    parser.add_argument("--val-batches", type=int, default=9)
+    parser.add_argument("--test-batches", type=int, default=12)
+    parser.add_argument("--bucket-batches", type=int, default=23, help="batches of 8 blocks of the test-token pass")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    steps = 1 if args.quick else args.steps
+    if args.worker:
+        print(json.dumps(worker(args.quick, steps)))
+        return 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, __file__, "--worker", "--steps", str(steps)] + (["--quick"] if args.quick else [])
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True) for _ in range(args.processes)]
+    results = []
+    for proc in procs:
+        stdout, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"a timing process failed (exit {proc.returncode})")
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    seconds = {k: statistics.fmean(r[k] for r in results) for k in KINDS}
+    plan = lm.quick_plan() if args.quick else lm.full_plan()
+    counts = suite_counts(plan, args.steps_per_epoch, args.val_batches, args.test_batches, args.bucket_batches)
+    print(f"# lm_steps: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {os.cpu_count()} cores, "
+          f"{args.processes} process(es) side by side, one thread each, median of {steps} step(s)\n")
+    print("| kind | seconds each | count in the suite | CPU seconds |")
+    print("|---|---:|---:|---:|")
+    total = 0.0
+    for kind in KINDS:
+        cost = seconds[kind] * counts[kind]
+        total += cost
+        print(f"| {kind} | {seconds[kind]:.3f} | {counts[kind]:g} | {cost:.0f} |")
+    wall = total / args.processes
+    print(f"\nsuite: {total:.0f} CPU seconds; on {args.processes} process(es) about {wall:.0f} s = "
+          f"{wall / 3600:.2f} h of wall time (phase ends not counted)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
