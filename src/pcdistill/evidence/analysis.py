@@ -134,7 +134,7 @@ def _plot(stats, buckets, variants, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(variants)
-    for k, (ax, title) in enumerate(zip(axes, ("mean |log p_t - log p_s|", "KL within the bucket"))):
+    for k, (ax, panel) in enumerate(zip(axes, ("mean |log p_t - log p_s|", "KL within the bucket"))):
         shown = [b for b in buckets if not (k == 1 and b == "1")]
         for i, variant in enumerate(v for v in variants if v in stats):
             means = [statistics.fmean(x[k] for x in stats[variant][b]) for b in shown]
@@ -143,10 +143,10 @@ def _plot(stats, buckets, variants, path: Path, title: str) -> None:
             ax.bar([j + i * width for j in range(len(shown))], means, width, yerr=sds, label=variant, capsize=2)
         ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(shown))])
         ax.set_xticklabels([f"rank {b}" for b in shown])
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.set_ylabel("lower = closer to the teacher")
-    axes[0].legend()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(variants))  # clear of the bars
     fig.suptitle(f"{title}: student vs teacher by the teacher's class rank")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
