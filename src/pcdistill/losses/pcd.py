@@ -166,14 +166,21 @@ def _check_options(temperature, schedule, progress, rank_by, variant, reduction)
     return temperature, progress
 
 
+def _check_all(num_classes, temperature, stages, schedule, progress, rank_by, adaptive, standardize, variant):
+    """(stages, temperature, progress) checked, for ``num_classes`` classes."""
+    stages = _check_stages(stages, num_classes)
+    temperature, progress = _check_options(temperature, schedule, progress, rank_by, variant, "mean")
+    check_bool("adaptive", adaptive)
+    check_bool("standardize", standardize)
+    return stages, temperature, progress
+
+
 def pcd_row_spec(num_classes: int, device: torch.device, *, temperature: float = 4.0, stages: int = 3,
                  schedule: str = "joint", progress: float | None = None, rank_by: str = "abs_diff",
                  adaptive: bool = True, standardize: bool = False) -> RowSpec:
     """:func:`pcd_loss` (the paper variant) as rows over ``num_classes`` classes on ``device`` (options checked)."""
-    stages = _check_stages(stages, num_classes)
-    temperature, progress = _check_options(temperature, schedule, progress, rank_by, "paper", "mean")
-    check_bool("adaptive", adaptive)
-    check_bool("standardize", standardize)
+    stages, temperature, progress = _check_all(num_classes, temperature, stages, schedule, progress, rank_by,
+                                               adaptive, standardize, "paper")
     stage_groups, factor = stage_sequence(stages, schedule, progress)
     fn = _row_function(torch.device(device), num_classes, stage_groups)
 
@@ -214,15 +221,15 @@ def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temp
     Gradients flow to ``student_logits`` only. Half-precision inputs are computed in float32.
     """
     num_classes = check_logits(student_logits, teacher_logits)
-    stages = _check_stages(stages, num_classes)
-    temperature, progress = _check_options(temperature, schedule, progress, rank_by, variant, reduction)
-    check_bool("adaptive", adaptive)
-    check_bool("standardize", standardize)
+    check_choice("variant", variant, VARIANTS)
+    check_choice("reduction", reduction, REDUCTIONS)
     leading = student_logits.shape[:-1]
     mask = check_valid(valid, leading, student_logits.device)
     classes = check_class_mask(class_mask, num_classes, student_logits.device)
     s, t = flat_rows(student_logits, teacher_logits)
-    if variant == "released":
+    if variant == "released":  # the paper path's options are checked by pcd_row_spec
+        stages, temperature, _ = _check_all(num_classes, temperature, stages, schedule, progress, rank_by, adaptive,
+                                            standardize, variant)
         keep = mask if mask is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
         return _released_loss(s, t, keep, classes, standardize, temperature, stages, mask, reduction, leading)
     spec = pcd_row_spec(num_classes, s.device, temperature=temperature, stages=stages, schedule=schedule,
