@@ -145,10 +145,14 @@ def final_alphas(csv_path, dataset=None) -> dict[str, set[float]]:
     return found
 
 
-@pytest.mark.parametrize("dataset", ["fashion_mnist", "fashion_mnist_pairs", "fashion_scenes"])
+@pytest.mark.parametrize("dataset", ["fashion_mnist", "fashion_mnist_pairs", "fashion_scenes", "lm/stdlib"])
 def test_suite_configs_are_the_recipes_at_the_weights_chosen_on_validation(dataset):
-    from pcdistill.evidence import detection, suite
-    if dataset == "fashion_scenes":
+    from pcdistill.evidence import detection, lm, suite
+    teacher = f"runs/{dataset}/teacher/model.safetensors"
+    if dataset == "lm/stdlib":
+        recipe, variants, chosen = lm.FULL, lm.VARIANTS, final_alphas(REPO / "results/lm.csv")
+        make_teacher, make_student, teacher = lm.teacher_config, lm.student_config, "runs/lm/stdlib/teacher"
+    elif dataset == "fashion_scenes":
         recipe, variants, chosen = detection.FULL, detection.VARIANTS, final_alphas(REPO / "results/detection.csv")
         make_teacher, make_student = detection.teacher_config, detection.student_config
     else:
@@ -157,7 +161,8 @@ def test_suite_configs_are_the_recipes_at_the_weights_chosen_on_validation(datas
         make_teacher, make_student = suite.teacher_config, suite.student_config
     folder = REPO / "configs" / dataset
     assert from_dict(yaml.safe_load((folder / "teacher.yaml").read_text())) == from_dict(make_teacher(recipe))
-    teacher = f"runs/{dataset}/teacher/model.safetensors"
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(
+        ["teacher"] + [v.name.replace('+', '_').replace('-', '_') for v in variants])
     for variant in variants:
         path = folder / f"{variant.name.replace('+', '_').replace('-', '_')}.yaml"
         text = path.read_text()

@@ -3,6 +3,7 @@ suites chose on validation.
 
     configs/fashion_mnist/*.yaml, configs/fashion_mnist_pairs/*.yaml   from results/runs.csv
     configs/fashion_scenes/*.yaml                                     from results/detection.csv
+    configs/lm/stdlib/*.yaml                                          from results/lm.csv
 
 Each student config carries the ``distill.alpha`` its suite chose on the validation split (the alpha
 of its final runs), with a comment saying so; where the suite has not run yet, the published weight,
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pcdistill.evidence import detection, suite
+from pcdistill.evidence import detection, lm, suite
 
 CLASSIFICATION = {
     "fashion_mnist": "Fashion-MNIST (IDX files; default root /usr/share/datasets/fashion-mnist, Debian package "
@@ -47,13 +48,13 @@ def _dump(header: list[str], config: dict) -> str:
 
 
 def _weight_lines(variant: suite.Variant, alpha: float | None, command: str, source: str, date: str,
-                  path: str) -> list[str]:
+                  path: str, other_data: str) -> list[str]:
     if alpha is None:
         return [f"distill.alpha {variant.alpha:g} is the published weight, not yet tuned: {command} chooses it on "
                 f"validation (and regenerates this file with `pcdistill bench configs`)."]
     return [f"distill.alpha {alpha:g} ({alpha / variant.alpha:g} x the published {variant.alpha:g}): chosen on the "
             f"validation split by `{command}` ({source}, {date}).",
-            f"On other data choose it again: pcdistill tune {path} data.root=DIR --out runs/tune "
+            f"On other data choose it again: pcdistill tune {path} {other_data} --out runs/tune "
             "(README: \"Choosing the weight\")."]
 
 
@@ -63,9 +64,10 @@ def _date(results: Path, name: str) -> str:
 
 
 def _folder(dataset: str, common: list[str], teacher_config: dict, variants: list[suite.Variant], student_config,
-            alphas: dict[str, float], command: str, source: str, date: str) -> dict[str, str]:
+            alphas: dict[str, float], command: str, source: str, date: str, teacher: str | None = None,
+            vanilla_notes: tuple[str, ...] = (), other_data: str = "data.root=DIR") -> dict[str, str]:
     """The teacher's and every variant's config of one folder; ``student_config(variant, teacher, scale)``."""
-    teacher = f"runs/{dataset}/teacher/model.safetensors"
+    teacher = teacher or f"runs/{dataset}/teacher/model.safetensors"
     out = {f"{dataset}/teacher.yaml": _dump(
         common + [f"Train with: pcdistill train configs/{dataset}/teacher.yaml --out runs/{dataset}/teacher"],
         teacher_config)}
@@ -74,9 +76,9 @@ def _folder(dataset: str, common: list[str], teacher_config: dict, variants: lis
         scale = 1.0 if alpha is None or variant.method == "vanilla" else alpha / variant.alpha
         name = file_name(variant.name)
         distilled = variant.method != "vanilla"
-        notes = (_weight_lines(variant, alpha, command, source, date, f"configs/{dataset}/{name}.yaml")
+        notes = (_weight_lines(variant, alpha, command, source, date, f"configs/{dataset}/{name}.yaml", other_data)
                  + [f"Needs the teacher: {teacher}."]
-                 if distilled else [])
+                 if distilled else list(vanilla_notes))
         out[f"{dataset}/{name}.yaml"] = _dump(
             common + notes + [f"Train with: pcdistill train configs/{dataset}/{name}.yaml --out runs/{dataset}/{name}"],
             student_config(variant, teacher, scale))
@@ -99,7 +101,7 @@ def suite_configs(results: Path) -> dict[str, str]:
                        date)
     recipe = detection.FULL
     data = recipe.data_options
-    common = [f"fashion_scenes: 1-6 Fashion-MNIST items (16-64 px) on textured 128x128 canvases, COCO json + PNG",
+    common = ["fashion_scenes: 1-6 Fashion-MNIST items (16-64 px) on textured 128x128 canvases, COCO json + PNG",
               f"written to data/fashion_scenes on first use; {data['train_images']} train / {data['val_images']} val / "
               f"{data['test_images']} test scenes (test items only from Fashion-MNIST's test images).",
               f"Teacher {recipe.teacher} (FPN {recipe.teacher_options['fpn_channels']}, box head "
@@ -111,6 +113,24 @@ def suite_configs(results: Path) -> dict[str, str]:
                    lambda v, t, a: detection.student_config(recipe, v, t, scale=a),
                    chosen_alphas(results / "detection.csv"), "pcdistill bench detection", "results/detection.csv",
                    _date(results, "detection_environment.json"))
+    recipe = lm.FULL
+    data = recipe.data_options
+    common = [f"python_stdlib: this interpreter's standard-library source, {data['max_files']} files of at most "
+              f"{data['max_chars']} characters, split by file; byte-level BPE {data['vocab_size']}, blocks of "
+              f"{data['block_size']} tokens.",
+              f"Teacher {recipe.model} {recipe.teacher['hidden_size']}x{recipe.teacher['num_hidden_layers']}, "
+              f"{recipe.teacher_epochs} epochs; students {recipe.student['hidden_size']}x"
+              f"{recipe.student['num_hidden_layers']}, {recipe.epochs} epoch; AdamW lr {recipe.lr:g}, batch "
+              f"{recipe.batch_size}.",
+              "The language-model suite's recipe (pcdistill bench lm), sized for a 2-core CPU."]
+    out |= _folder("lm/stdlib", common, lm.teacher_config(recipe), lm.VARIANTS,
+                   lambda v, t, a: lm.student_config(recipe, v, t, scale=a),
+                   chosen_alphas(results / "lm.csv"), "pcdistill bench lm", "results/lm.csv",
+                   _date(results, "lm_environment.json"), teacher=lm.TEACHER_RUN,
+                   vanilla_notes=("No teacher: it trains the teacher's tokenizer (same train split and vocab_size; "
+                                  "the BPE is deterministic and cached).",),
+                   other_data="data.name=text data.root=DIR 'data.options={block_size: 128, vocab_size: 8192, "
+                              "files: [\"**/*.txt\"]}'")
     return out
 
 

@@ -16,7 +16,8 @@ seed at that weight, and the test split is read only for the report. Results go 
     lm_environment.json versions, hardware, date, wall time
 
 Resumable: finished runs are read back, killed ones resumed. The recipe files ``configs/lm/stdlib/*.yaml``
-are :func:`recipe_configs` (written by ``write_configs(Path("configs"))``; a test checks they match).
+are :func:`teacher_config` and :func:`student_config` at the chosen weights (``pcdistill bench configs``
+writes them from ``results/lm.csv``; a test checks they match).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ VARIANTS = [
             description="PCD with logit standardisation: weight x9, T=2"),
     Variant("pcd_k5", "pcd", {"temperature": 1.0, "stages": 5}, description="PCD, K=5 stages, T=1"),
 ]
+TEACHER_RUN = "runs/lm/stdlib/teacher"  # where configs/lm/stdlib/*.yaml expect the teacher
 COST = {"vanilla": 1, "kd": 2, "dkd": 3, "pcd": 4, "pcd_k5": 5, "pcd_ls": 6}  # measured step-time order
 
 
@@ -119,41 +121,6 @@ def full_plan() -> LMPlan:
 
 def quick_plan() -> LMPlan:
     return LMPlan(QUICK, seeds=(0, 1), alpha_grid=(0.5, 1.0))
-
-
-# ----------------------------------------------------------------------------------------------
-# Recipe files
-# ----------------------------------------------------------------------------------------------
-def recipe_configs(teacher_dir: str = "runs/lm/stdlib/teacher") -> dict[str, dict]:
-    """{file name under configs/lm/stdlib/: config dict} of the full recipe, at the published weights."""
-    out = {"teacher.yaml": teacher_config(FULL)}
-    for variant in VARIANTS:
-        out[f"{variant.name}.yaml"] = student_config(FULL, variant, teacher_dir)
-    return out
-
-
-def write_configs(configs: Path) -> list[Path]:
-    import yaml
-    folder = configs / "lm" / "stdlib"
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, config in recipe_configs().items():
-        stem = name.removesuffix(".yaml")
-        notes = [f"The language-model suite's recipe (pcdistill bench lm), sized for a 2-core CPU; see README "
-                 f"\"Evidence: the stdlib suite\".",
-                 f"Train with: pcdistill train configs/lm/stdlib/{name} --out runs/lm/stdlib/{stem}"]
-        if config.get("distill", {}).get("method", "vanilla") != "vanilla":
-            notes.insert(1, f"distill.alpha {config['distill']['alpha']:g} is the published weight, not yet tuned "
-                            f"(pcdistill bench lm chooses it on validation). Needs the teacher run "
-                            f"runs/lm/stdlib/teacher.")
-        elif stem == "vanilla":
-            notes.insert(1, "No teacher: it trains the teacher's tokenizer (same train split and vocab_size; the "
-                            "BPE is deterministic and cached).")
-        path = folder / name
-        path.write_text("".join(f"# {n}\n" for n in notes)
-                        + yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=120))
-        written.append(path)
-    return written
 
 
 # ----------------------------------------------------------------------------------------------
