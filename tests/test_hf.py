@@ -1,6 +1,11 @@
 """Hugging Face models (pcdistill.lm.models) and the DistillationTrainer, on tiny random-init models."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +14,7 @@ from safetensors.torch import load_file
 
 from pcdistill.hf import DistillationTrainer
 from pcdistill.lm.models import create_causal_lm, fusable, last_hidden_states, output_layer
+from tests.helpers import REPO
 from tests.test_lm_distill import V_S, V_T, gemma2_softcapped, tiny_lm
 
 CLASSES = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel,
@@ -101,10 +107,10 @@ def arguments(folder, **kwargs):
     return transformers.TrainingArguments(**(base | kwargs))
 
 
-def trainer_for(folder, student=None, teacher=None, **kwargs):
+def trainer_for(folder, student=None, teacher=None, data_size: int = 16, **kwargs):
     loss_options = kwargs.pop("loss_options", {"temperature": 2.0, "stages": 2})
     return DistillationTrainer(model=student or tiny_lm(), teacher_model=teacher or tiny_lm(vocab=V_T, seed=1),
-                               args=arguments(folder, **kwargs), train_dataset=dataset(), loss="pcd",
+                               args=arguments(folder, **kwargs), train_dataset=dataset(data_size), loss="pcd",
                                loss_options=loss_options)
 
 
@@ -168,6 +174,30 @@ def test_checkpoints_hold_the_student_only_and_resume(tmp_path):
     straight.train()
     for key, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_take_the_one_process_steps(tmp_path):
+    # 8 samples = one global batch (2 x 4, or 1 x 8): every step sees all of them, whatever the sampler's order;
+    # their label counts differ, so only a loss normalised by the global token count gives the same step.
+    # (FSDP: accelerate shards only on accelerators, so on CPU the Trainer would run DDP; test_lm_distill
+    # checks the distiller under fully_shard on two processes.)
+    options = {"data_size": 8, "per_device_train_batch_size": 4, "max_steps": 2}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "tests" / "hf_worker.py"), json.dumps(options), str(tmp_path / "two")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ran = json.loads((tmp_path / "two" / "ran.json").read_text())
+    assert ran == {"processes": 2, "wrapper": "DistributedDataParallel"}, ran
+    two = load_file(tmp_path / "two" / "model.safetensors")
+    one = trainer_for(tmp_path / "one", data_size=8, per_device_train_batch_size=8, max_steps=2)
+    one.train()
+    start = tiny_lm().state_dict()
+    assert set(two) == set(start)
+    for key, value in one.model.state_dict().items():
+        assert not torch.equal(value, start[key]), key  # it trained
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_fusable_catches_a_forward_that_transforms_the_logits():

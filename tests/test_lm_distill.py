@@ -1,16 +1,21 @@
 """CausalLMDistiller against an independent computation on the models' own materialized logits."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from pcdistill.lm import distill as lm_distill
 from pcdistill.lm.distill import CausalLMDistiller
 from pcdistill.lm.models import create_causal_lm
 from pcdistill.losses import dkd_loss, pcd_loss
+from tests.helpers import REPO
 
 V_S, V_T, T = 100, 128, 2.0
 
@@ -34,6 +39,14 @@ def batch(seed: int = 1, vocab: int = V_S):
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     return ids, labels, mask
+
+
+def even_batch():
+    """Four rows (two per process in the FSDP test) with -100 holes and padding, uneven token counts."""
+    ids, labels, mask = batch(seed=3)
+    more, more_labels, more_mask = batch(seed=4)
+    more_labels[0, :4] = -100
+    return torch.cat([ids, more[:1]]), torch.cat([labels, more_labels[:1]]), torch.cat([mask, more_mask[:1]])
 
 
 def reference(student, teacher, ids, labels, mask, method, ce_weight, weight, options):
@@ -158,7 +171,7 @@ def test_auto_falls_back_on_softcapped_logits_and_warns_once(monkeypatch):
 def test_teacher_is_frozen_in_eval_mode():
     student, teacher = tiny_lm(), tiny_lm(seed=1)
     teacher.train()
-    distiller = CausalLMDistiller(student, teacher, loss="pcd").train()
+    CausalLMDistiller(student, teacher, loss="pcd").train()
     assert student.training and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
 
@@ -204,6 +217,30 @@ def test_fsdp2_sharded_student_falls_back_to_materialized_logits(tmp_path, monke
         torch.distributed.destroy_process_group()
     for name in unsharded:
         torch.testing.assert_close(sharded[name], unsharded[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+@pytest.mark.parametrize("loss", ["kd", "pcd"])
+def test_two_process_fsdp2_step_is_the_one_process_step(tmp_path, loss):
+    # the HF Trainer cannot shard on CPU (accelerate's FSDP is for accelerators), so fully_shard directly
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "tests" / "fsdp_worker.py"), loss, str(tmp_path / "grads.safetensors")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("sharded by FSDP") == 2  # each process says once why it materializes the logits
+    sharded = load_file(tmp_path / "grads.safetensors")
+    student, teacher = tiny_lm(), tiny_lm(vocab=V_T, seed=1)
+    ids, labels, mask = even_batch()
+    total = sum(CausalLMDistiller(student, teacher, loss=loss).losses(
+        student, ids, labels, attention_mask=mask, progress=0.5).values())
+    grads = torch.autograd.grad(total, [p for _, p in student.named_parameters()])
+    torch.testing.assert_close(sharded.pop("__loss__")[0], total.detach(), rtol=1e-5, atol=1e-6)
+    names = [name for name, _ in student.named_parameters()]
+    assert sorted(sharded) == sorted(names)
+    for name, grad in zip(names, grads):
+        torch.testing.assert_close(sharded[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
