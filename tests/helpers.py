@@ -28,3 +28,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
     full_env = os.environ | {"OMP_NUM_THREADS": "1"} | (env or {})
     return subprocess.run([sys.executable, "-m", "pcdistill", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_two_processes(worker: str, *args: str, env: dict | None = None, timeout: float = 300):
+    """``torchrun --nproc_per_node 2 tests/WORKER ARGS`` (one thread each); asserts it succeeded, returns it."""
+    full_env = os.environ | {"OMP_NUM_THREADS": "1",
+                             "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])} | (env or {})
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "tests" / worker), *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

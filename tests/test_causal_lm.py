@@ -205,23 +205,17 @@ def test_the_vision_path_imports_no_language_model_library():
 
 
 def test_two_process_ddp_matches_one_process(runs):
-    import os
-
     from safetensors.torch import load_file
 
     from pcdistill.engine.trainer import train
-    from tests.helpers import REPO
+    from tests.helpers import run_two_processes
     tmp = runs["tmp"]
     per_rank = 4
     no_dropout = {"n_embd": 16, "n_layer": 1, "n_head": 2, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     config = student(tmp / "teacher", model={"name": "gpt2", "options": no_dropout},  # dropout draws differ per rank
                      trainer=TEACHER["trainer"] | {"iterations": 3, "batch_size": per_rank})
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PCDISTILL_CACHE": str(tmp / "ddp_cache"),  # ids encoded by rank 0
-                        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO / "tests" / "ddp_worker.py"), json.dumps(config), str(tmp / "ddp")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_processes("ddp_worker.py", json.dumps(config), str(tmp / "ddp"),
+                      env={"PCDISTILL_CACHE": str(tmp / "ddp_cache")})  # ids encoded by rank 0
     rank0, rank1 = load_file(tmp / "ddp" / "rank0.safetensors"), load_file(tmp / "ddp" / "rank1.safetensors")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     single = config | {"trainer": config["trainer"] | {"batch_size": 2 * per_rank}}

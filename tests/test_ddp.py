@@ -3,9 +3,6 @@ one process on the same global batch."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 from safetensors.torch import load_file
@@ -15,7 +12,7 @@ from pcdistill.config import from_dict
 from pcdistill.engine.checkpoint import export_weights
 from pcdistill.engine.records import read_metrics
 from pcdistill.engine.trainer import train
-from tests.helpers import REPO, digits_config
+from tests.helpers import digits_config, run_two_processes
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
@@ -29,12 +26,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
                            distill={"method": "pcd", "loss": {"stages": 3}},
                            trainer={"iterations": 3, "batch_size": per_rank_batch})
     out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "tests" / "ddp_worker.py"), json.dumps(config), str(out)],
-        cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-        capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_processes("ddp_worker.py", json.dumps(config), str(out))
     rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key

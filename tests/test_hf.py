@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from safetensors.torch import load_file
 
 from pcdistill.hf import DistillationTrainer
 from pcdistill.lm.models import create_causal_lm, fusable, last_hidden_states, output_layer
-from tests.helpers import REPO
+from tests.helpers import run_two_processes
 from tests.test_lm_distill import V_S, V_T, gemma2_softcapped, tiny_lm
 
 CLASSES = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel,
@@ -183,11 +180,7 @@ def test_two_ddp_processes_take_the_one_process_steps(tmp_path):
     # (FSDP: accelerate shards only on accelerators, so on CPU the Trainer would run DDP; test_lm_distill
     # checks the distiller under fully_shard on two processes.)
     options = {"data_size": 8, "per_device_train_batch_size": 4, "max_steps": 2}
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(REPO / "tests" / "hf_worker.py"), json.dumps(options), str(tmp_path / "two")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_two_processes("hf_worker.py", json.dumps(options), str(tmp_path / "two"))
     ran = json.loads((tmp_path / "two" / "ran.json").read_text())
     assert ran == {"processes": 2, "wrapper": "DistributedDataParallel"}, ran
     two = load_file(tmp_path / "two" / "model.safetensors")
