@@ -22,7 +22,7 @@ $(TEST_STAMP): $(BASE_STAMP)
 demo: $(BASE_STAMP)
 	$(PY) -m pcdistill demo
 
-# one thread per worker: two workers with a thread per core each oversubscribe 2 cores (625 s vs 828 s here)
+# one thread per xdist worker, so that two workers do not oversubscribe 2 cores
 test: $(TEST_STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
