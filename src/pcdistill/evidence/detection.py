@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -112,7 +112,6 @@ class DetectionPlan(Suite):
     seeds: tuple[int, ...] = (0, 1, 2)
     alpha_grid: tuple[float, ...] = (0.25, 1.0, 4.0)
     variants: list[Variant] = field(default_factory=lambda: list(VARIANTS))
-    fashion_root: str | None = None  # Fashion-MNIST's IDX folder (default: the dataset's)
 
     title = f"Detection suite: {DATASET}"
     csv_file, env_file, report_file = "detection.csv", "detection_environment.json", "detection.md"
@@ -128,21 +127,15 @@ class DetectionPlan(Suite):
     def groups(self) -> list[str]:
         return [DATASET]
 
-    def _with_source(self, config: dict) -> dict:
-        if self.fashion_root:
-            config["data"]["options"] = config["data"]["options"] | {"fashion_root": self.fashion_root}
-        return config
-
     def prepare(self, group: str, folder: Path) -> None:
         write_scenes(self.teacher_config(group, folder))  # here, once: the parallel runs then only read them
 
     def teacher_config(self, group: str, folder: Path) -> dict:
-        return self._with_source(teacher_config(self.recipe, str(folder / "data")))
+        return teacher_config(self.recipe, str(folder / "data"))
 
     def student_config(self, group, folder, variant, seed, scale, tune) -> dict:
-        return self._with_source(student_config(self.recipe, variant, str(folder / "teacher" / "model.safetensors"),
-                                                seed, scale, self.recipe.tune_epochs if tune else None,
-                                                str(folder / "data")))
+        return student_config(self.recipe, variant, str(folder / "teacher" / "model.safetensors"), seed, scale,
+                              self.recipe.tune_epochs if tune else None, str(folder / "data"))
 
     def analyse(self, rows: list[dict], results: Path, runner) -> None:
         from pcdistill.evidence.analysis import write_bucket_report
@@ -174,12 +167,17 @@ class DetectionPlan(Suite):
         return lines
 
 
+def _reading(recipe: DetectionRecipe, fashion_root: str | None) -> DetectionRecipe:
+    """``recipe`` reading Fashion-MNIST's IDX files from ``fashion_root`` (None: the dataset's default folder)."""
+    return replace(recipe, data_options=recipe.data_options | {"fashion_root": fashion_root}) if fashion_root else recipe
+
+
 def full_plan(fashion_root: str | None = None) -> DetectionPlan:
-    return DetectionPlan(FULL, fashion_root=fashion_root)
+    return DetectionPlan(_reading(FULL, fashion_root))
 
 
 def quick_plan(fashion_root: str | None = None) -> DetectionPlan:
-    return DetectionPlan(QUICK, seeds=(0, 1), alpha_grid=(0.5, 1.0), fashion_root=fashion_root)
+    return DetectionPlan(_reading(QUICK, fashion_root), seeds=(0, 1), alpha_grid=(0.5, 1.0))
 
 
 def write_scenes(config: dict) -> None:

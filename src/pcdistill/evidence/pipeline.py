@@ -1,27 +1,25 @@
 """One pipeline for every evidence suite: prepare -> teachers -> tuning -> chosen weights -> finals -> rows -> files.
 
-A suite is a :class:`Suite`: a dataclass with its ``variants``, ``seeds`` and ``alpha_grid``, which
-declares what differs between suites (class attributes and a few methods): the configs of its teacher
-and students, the validation metric that chooses a weight and whether lower is better, the columns of
-its csv and report, and optional ``prepare`` and ``analyse`` steps. :func:`run_suite` runs any suite the
-same way, per group (a teacher and its students, in ``results/runs/<group>/``):
+A suite is a :class:`Suite` dataclass (its ``variants``, ``seeds`` and ``alpha_grid``) that declares what
+differs between suites: its teacher and student configs, the validation metric choosing each weight and
+its direction, its csv and report columns, ``prepare`` and ``analyse`` steps. :func:`run_suite` runs any
+suite, per group (a teacher and its students, in ``results/runs/<group>/``):
 
-1. ``prepare``: what the runs need before anything trains (data to write, a teacher to fetch or cache);
-   it must do nothing when that is already done;
-2. the teachers (``teacher_config`` None: none to train), with the vanilla students beside them when
-   ``vanilla_beside_teacher`` (they need no teacher and no weight);
-3. tuning: seed ``seeds[0]`` of every other variant at every scale of ``alpha_grid`` x its published
-   weight, shorter runs (``student_config(..., tune=True)``), in ``tune/<variant>@<scale>/seed<N>``;
-4. per variant, the scale with the best validation ``choose_by`` (ties: the scale closest to 1). With
-   ``extend_grid``, a choice at an edge of the grid tunes one more scale beyond that edge (the grid's
+1. ``prepare``: what the runs need first (data to write, a teacher to fetch or cache); idempotent;
+2. the teachers (none where ``teacher_config`` is None), and the vanilla students beside them when
+   ``vanilla_beside_teacher`` (else they are tuned, at their one weight, like the others);
+3. tuning: seed ``seeds[0]`` of every variant at every scale of ``alpha_grid`` x its published weight,
+   shorter runs (``student_config(..., tune=True)``);
+4. per variant, the scale with the best validation ``choose_by`` (ties: the scale closest to 1); with
+   ``extend_grid``, a choice at an edge of the grid tunes one more scale past that edge (at the grid's
    ratio there) and chooses again, once;
-5. the finals: every seed at the chosen weight, in ``final/<variant>@<scale>/seed<N>``, and ``extra_finals``;
-6. one row per run (sorted by phase, group, variant, scale, seed), ``analyse`` (may fill in columns of
-   the rows), then ``csv_file``, ``env_file`` and ``report_file`` under ``results/``.
+5. the finals: every seed at the chosen weight, and ``extra_finals`` (ablations);
+6. one row per run (by phase, group, variant, scale, seed), ``analyse`` (which may fill in columns),
+   then ``csv_file``, ``env_file`` and ``report_file`` under ``results/``.
 
-Every run goes through :func:`run_once`: a finished run (its ``model.safetensors`` exists) is read back,
-a killed one resumed from its checkpoint, and a folder holding a run of another config is refused,
-naming the keys that differ. Runs still to train go to ``jobs`` single-threaded worker processes.
+Every run goes through :func:`run_once`: a finished run is read back, a killed one resumed from its
+checkpoint, a folder holding a run of another config refused, naming the keys that differ. Runs still
+to train go to ``jobs`` single-threaded worker processes.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pcdistill.evidence.pipeline import Suite, Variant
-from pcdistill.evidence.tables import Metric, difference_row, variant_table
+from pcdistill.evidence.tables import Metric, by_seed, difference_row, variant_table
 
 VARIANTS = [
     Variant("vanilla", "vanilla", description="labels only"),
@@ -174,10 +174,6 @@ def full_plan() -> Plan:
 # ----------------------------------------------------------------------------------------------
 # Reporting
 # ----------------------------------------------------------------------------------------------
-def _final(rows: list[dict], dataset: str, variant: str) -> dict[int, dict]:
-    return {r["seed"]: r for r in rows if r["dataset"] == dataset and r["variant"] == variant and r["phase"] == "final"}
-
-
 def accuracy_table(plan: Plan, rows: list[dict], names: list[str]) -> str:
     lines = []
     for dataset, recipe in plan.recipes.items():
@@ -195,8 +191,9 @@ def differences(plan: Plan, rows: list[dict], a: str, others: list[str]) -> str:
     lines = [f"| dataset | {a} - other | mean difference (test acc points) | 95% interval | verdict |",
              "|---|---|---:|---|---|"]
     for dataset in plan.recipes:
+        mine = [r for r in rows if r["dataset"] == dataset]
         for other in others:
-            diff = difference_row(_final(rows, dataset, a), _final(rows, dataset, other), "test_acc")
+            diff = difference_row(by_seed(mine, a), by_seed(mine, other), "test_acc")
             if diff is not None:
                 mean, low, high, verdict = diff
                 lines.append(f"| {dataset} | {a} - {other} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {verdict} |")

@@ -21,13 +21,9 @@ class Metric:
     lower_is_better: bool = False
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def mean_std_cell(values: list[float], digits: int = 2) -> str:
-    m, sd = mean_std(values)
-    return f"{m:.{digits}f} +- {sd:.{digits}f}"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} +- {sd:.{digits}f}"
 
 
 def by_seed(rows: list[dict], variant: str, phase: str = "final") -> dict[int, dict]:
