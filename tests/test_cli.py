@@ -7,7 +7,7 @@ import struct
 import pytest
 import yaml
 
-from tests.helpers import digits_config, run_cli
+from tests.helpers import REPO, digits_config, run_cli
 
 
 def assert_clean_error(proc, *words):
@@ -78,3 +78,33 @@ def test_train_eval_and_list(config_file, tmp_path):
     listing = run_cli("list").stdout
     for word in ("resnet8x4", "wrn_40_2", "tv_resnet18", "digits", "fashion_mnist_pairs", "pcd", "dkd"):
         assert word in listing
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """``pcdistill ARGS`` in this process (cheaper than run_cli): exit status, stdout, stderr."""
+    from pcdistill.cli import main
+    try:
+        rc = main(list(args))
+    except SystemExit as stop:  # argparse: --help, usage errors
+        rc = stop.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_a_missing_teacher_names_the_command_that_trains_it(capsys, tmp_path):
+    weights = tmp_path / "runs" / "teacher" / "model.safetensors"
+    rc, _, err = run_main(capsys, "train", str(REPO / "configs" / "digits" / "pcd.yaml"), f"teacher.weights={weights}",
+                          "--out", str(tmp_path / "pcd"))
+    assert rc == 2 and "Traceback" not in err
+    assert f"teacher.weights {str(weights)!r} does not exist" in err
+    assert f"pcdistill train {REPO / 'configs' / 'digits' / 'teacher.yaml'} --out {weights.parent}" in err
+    assert not (tmp_path / "pcd").exists()
+
+
+def test_bench_help_describes_every_suite(capsys):
+    rc, out, _ = run_main(capsys, "bench", "--help")
+    text = " ".join(out.split())
+    assert rc == 0
+    for words in ("accuracy: classification on digits", "detection: fashion_scenes", "lm: python_stdlib",
+                  "analysis", "configs", "report"):
+        assert words in text, words

@@ -58,10 +58,24 @@ def cmd_train(args) -> int:
                               f"(overrides look like section.key=value)")
         if not args.out:
             raise ConfigError("pcdistill train needs --out DIR, the run folder to write")
-        summary = train(load_config(paths[0], overrides), args.out)
+        cfg = load_config(paths[0], overrides)
+        check_teacher_exists(cfg, paths[0])
+        summary = train(cfg, args.out)
     if summary.epochs and _is_main():
         print(format_summary(summary))
     return 0
+
+
+def check_teacher_exists(cfg, config: str | Path) -> None:
+    """A missing teacher named with the command that trains it (the config folder's teacher.yaml, if any)."""
+    key, value = ("teacher.path", cfg.teacher.path) if cfg.teacher.path else ("teacher.weights", cfg.teacher.weights)
+    if not cfg.teacher.name or not value or Path(value).expanduser().exists():
+        return
+    run = Path(value).parent if Path(value).name == "model.safetensors" else Path(value)
+    teacher_config = Path(config).parent / "teacher.yaml"
+    teacher_config = teacher_config if teacher_config.is_file() else "<the teacher's config>"
+    raise ConfigError(f"{key} {value!r} does not exist: train the teacher first (pcdistill train {teacher_config} "
+                      f"--out {run}) or set {key} to a trained one")
 
 
 def _is_main() -> bool:
@@ -77,21 +91,25 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"pcdistill eval takes one run folder, weights file or distillation config; got "
                           f"{', '.join(map(repr, paths)) or 'none'}")
     target = Path(paths[0])
+    heading = None  # what a config's evaluation is of
     if not target.exists():
         raise ConfigError(f"{str(target)!r} does not exist; pass a run folder of `pcdistill train` (holding "
                           f"config.yaml and model.safetensors), a .safetensors file, or a distillation config")
     if target.suffix in (".yaml", ".yml"):  # a distillation config: evaluate its teacher
         cfg = load_config(target, overrides)
+        check_teacher_exists(cfg, target)
         if cfg.teacher.name and cfg.teacher.path:  # a causal LM teacher: its folder holds model and tokenizer
             cfg.model = ModelConfig(name="hf", weights=cfg.teacher.path)
             cfg.data.options = cfg.data.options | {"tokenizer": cfg.teacher.path}
             weights = None
+            heading = f"the teacher of {target}: {cfg.teacher.path} (teacher.path)"
         elif not cfg.teacher.name or not cfg.teacher.weights:
             raise ConfigError(f"{str(target)!r} names no teacher with weights; set teacher.name and teacher.weights "
                               f"(teacher.path for a causal LM)")
         else:
             cfg.model = ModelConfig(name=cfg.teacher.name, options=cfg.teacher.options)
             weights = cfg.teacher.weights
+            heading = f"the teacher of {target}: {cfg.teacher.name} with {weights} (teacher.weights)"
     else:
         folder = target if target.is_dir() else target.parent
         weights = target / "model.safetensors" if target.is_dir() else target
@@ -100,10 +118,26 @@ def cmd_eval(args) -> int:
             raise ConfigError(f"{str(folder)!r} has no config.yaml; pass --config, the config {str(weights)!r} "
                               f"was trained with")
         cfg = load_config(config, overrides)
-    results = evaluate_weights(cfg, weights, splits=args.split or ["val", "test"])
+        if cfg.task == "causal_lm" and (folder / "tokenizer").is_dir() and not _sets_tokenizer(overrides):
+            # the tokenizer the run used (maybe its teacher's), not one rebuilt from data.options.vocab_size
+            cfg.data.options = cfg.data.options | {"tokenizer": str(folder / "tokenizer")}
+    try:
+        results = evaluate_weights(cfg, weights, splits=args.split or ["val", "test"])
+    except ConfigError as err:
+        if cfg.task == "causal_lm" and "shape mismatch" in str(err):
+            raise ConfigError(f"{err}. A causal LM's vocabulary is its tokenizer's: evaluate it with the tokenizer "
+                              f"it was trained with (a run folder's tokenizer/ is used unless "
+                              f"data.options.tokenizer=FOLDER is given)") from None
+        raise
+    if heading:
+        print(heading)
     for split, metrics in results.items():
         print(f"{split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     return 0
+
+
+def _sets_tokenizer(overrides: list[str]) -> bool:
+    return any(o.split("=", 1)[0] in ("data", "data.options", "data.options.tokenizer") for o in overrides)
 
 
 def cmd_list(args) -> int:

@@ -70,6 +70,13 @@ def tokenizer_folder(path: str | Path) -> Path | None:
     return None
 
 
+def must_exist(key: str, path) -> None:
+    """A ConfigError naming ``key`` when its folder is missing (rather than "holds no tokenizer")."""
+    if not Path(path).exists():
+        raise ConfigError(f"{key} {str(path)!r} does not exist; expected a causal_lm run folder (pcdistill train "
+                          f"<config> --out DIR writes DIR/hf and DIR/tokenizer) or a save_pretrained folder")
+
+
 def _load_tokenizer(key: str, folder: Path):
     try:
         return load_tokenizer(folder)
@@ -104,7 +111,10 @@ def resolve_tokenizer(cfg: Config, ctx, train_docs, vocab_size: int):
     a teacher whose tokenizer differs from the one used is refused."""
     given = cfg.data.options.get("tokenizer")
     teacher_tok = None
+    if given:
+        must_exist("data.options.tokenizer", given)
     if cfg.teacher.name:
+        must_exist("teacher.path", cfg.teacher.path)
         folder = tokenizer_folder(cfg.teacher.path)
         if folder is None and not given:
             raise ConfigError(f"teacher.path {cfg.teacher.path!r} holds no tokenizer (expected tokenizer/ in a "
@@ -141,8 +151,9 @@ def _vocab_size(model: nn.Module) -> int:
 
 def pretrained(section: str, name: str, path: str, tokens: int) -> nn.Module:
     """The model of a save_pretrained (or run) folder, checked against ``name`` and the tokenizer's size."""
-    folder = model_folder(path)
     key = "teacher.path" if section == "teacher" else "model.weights"
+    must_exist(key, path)
+    folder = model_folder(path)
     try:
         model = create_causal_lm({"path": str(folder)})
     except (FileNotFoundError, ValueError, OSError) as err:
@@ -193,7 +204,18 @@ def _blocks(split: str, docs, tokenizer, block_size: int, ctx) -> torch.Tensor:
         raise ConfigError(f"the {split} split ({len(docs)} documents): {err}") from None
 
 
+def require_lm_extra() -> None:
+    """A ConfigError naming the ``lm`` extra when transformers or tokenizers is missing (a base install)."""
+    try:
+        import tokenizers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"task: causal_lm needs the language-model extra ({err}): pip install 'pcdistill[lm]' "
+                          f"(in a clone: pip install -e '.[lm]')") from None
+
+
 def build(cfg: Config, ctx) -> Task:
+    require_lm_extra()
     options = dict(cfg.data.options)
     ours = {key: options.pop(key, default) for key, default in DATA_OPTIONS.items()}
     block_size = _positive_int("block_size", ours["block_size"], 2)
