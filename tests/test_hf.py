@@ -132,6 +132,11 @@ def test_trainer_runs_logs_the_parts_and_leaves_the_teacher_alone(tmp_path):
     assert torch.isfinite(torch.tensor(trainer.evaluate(dataset(4))["eval_loss"]))
 
 
+def test_trainer_refuses_a_teacher_of_another_vocabulary(tmp_path):
+    with pytest.raises(ValueError, match="vocabulary has 300 entries and the student's 100"):
+        trainer_for(tmp_path, teacher=tiny_lm(vocab=300, hidden=8))
+
+
 def test_trainer_under_bf16_autocast_takes_the_fused_path_with_the_materialized_value(tmp_path):
     student = tiny_lm()
     with torch.no_grad():  # large logits: bf16 rounding of the model's own lm_head is far above 1e-3
