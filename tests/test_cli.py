@@ -108,3 +108,14 @@ def test_bench_help_describes_every_suite(capsys):
     for words in ("accuracy: classification on digits", "detection: fashion_scenes", "lm: python_stdlib",
                   "analysis", "configs", "report"):
         assert words in text, words
+
+
+def test_list_is_readable_and_names_the_language_model_parts(capsys):
+    rc, out, _ = run_main(capsys, "list")
+    assert rc == 0 and len(out) < 4000 and max(map(len, out.splitlines())) <= 100
+    flat = " ".join(out.split())
+    assert "pcdistill list timm --match" in flat and "timm/resnet18" in flat and "timm/aimv2" not in flat
+    assert "lm_corpora (2; data.name for task: causal_lm): python_stdlib, text" in flat
+    assert "llama, gpt2, qwen2, hf" in flat and "save_pretrained" in flat
+    rc, out, _ = run_main(capsys, "list", "timm", "--match", "deit_tiny*")
+    assert rc == 0 and "timm/deit_tiny_patch16_224" in out and "resnet" not in out

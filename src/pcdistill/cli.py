@@ -140,25 +140,61 @@ def _sets_tokenizer(overrides: list[str]) -> bool:
     return any(o.split("=", 1)[0] in ("data", "data.options", "data.options.tokenizer") for o in overrides)
 
 
-def cmd_list(args) -> int:
+OVERVIEW_LIMIT = 40  # a section longer than this shows examples in `pcdistill list`, all names when named
+TIMM_EXAMPLES = ("resnet18", "resnet50", "mobilenetv3_large_100", "efficientnet_b0", "convnext_tiny",
+                 "deit_tiny_patch16_224", "vit_base_patch16_224")
+
+
+def list_sections() -> dict[str, tuple[str, list[str] | str]]:
+    """``{section: (what it is for, names)}``; names is a string when the section needs an extra installed."""
     from pcdistill import data, losses, models
-    sections = {"models": models.list_models(), "datasets": data.list_datasets(), "methods": losses.list_methods()}
+    from pcdistill.data.text import list_corpora
+    from pcdistill.lm.models import CONFIGS
+    sections: dict[str, tuple[str, list[str] | str]] = {
+        "models": ("model.name, teacher.name", models.list_models()),
+        "timm": ("model.name, teacher.name: timm/<architecture>", ""),
+        "datasets": ("data.name", data.list_datasets()),
+        "methods": ("distill.method", losses.list_methods()),
+    }
     try:
-        sections["timm"] = models.list_timm_models()
+        sections["timm"] = (sections["timm"][0], models.list_timm_models())
     except ValueError:  # the optional timm extra is not installed
-        pass
-    try:
-        from pcdistill import detection
-        sections["detectors"] = detection.list_detectors()
-        sections["detection_datasets"] = detection.list_detection_datasets()
-    except ImportError:
-        pass
+        sections["timm"] = (sections["timm"][0], "not installed: pip install 'pcdistill[timm]'")
+    from pcdistill import detection
+    sections["detectors"] = ("model.name, teacher.name for task: detection", detection.list_detectors())
+    sections["detection_datasets"] = ("data.name for task: detection", detection.list_detection_datasets())
+    sections["lm_models"] = ("model.name, teacher.name for task: causal_lm (the lm extra): a random init of that "
+                             "transformers config (model.options: its keys), or hf: the save_pretrained or causal_lm "
+                             "run folder in model.weights / teacher.path", [*CONFIGS, "hf"])
+    sections["lm_corpora"] = ("data.name for task: causal_lm", list_corpora())
+    return sections
+
+
+def cmd_list(args) -> int:
+    import fnmatch
+    import textwrap
+    sections = list_sections()
     unknown = [w for w in args.words if w not in sections]
     if unknown:
         raise ConfigError(f"pcdistill list: unknown section {unknown[0]!r}{closest(unknown[0], sections)}; "
                           f"choose from {', '.join(sections)}")
     for name in args.words or list(sections):
-        print(f"{name}: {', '.join(sections[name])}")
+        what, names = sections[name]
+        if isinstance(names, str):  # an extra that is not installed
+            if args.words:
+                raise ConfigError(f"pcdistill list {name}: {names}")
+            print(f"{name} ({what}): {names}")
+            continue
+        if args.match:
+            names = [n for n in names if fnmatch.fnmatch(n, args.match) or fnmatch.fnmatch(n, f"timm/{args.match}")]
+        shown, more = names, ""
+        if not args.words and not args.match and len(names) > OVERVIEW_LIMIT:
+            shown = [n for n in names if n.removeprefix("timm/") in TIMM_EXAMPLES] or names[:len(TIMM_EXAMPLES)]
+            more = (f", ... ({len(names) - len(shown)} more; all: pcdistill list {name}, or some: "
+                    f"pcdistill list {name} --match '*vit*')")
+        text = f"{name} ({len(names)}; {what}): {', '.join(shown) or 'none'}{more}"
+        print(textwrap.fill(text, width=100, subsequent_indent="    ", break_on_hyphens=False,
+                            break_long_words=False))
     return 0
 
 
@@ -207,9 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split to evaluate; repeat for both (default: val and test)")
     p.set_defaults(func=cmd_eval, parser=p)
 
-    p = sub.add_parser("list", help="list models, datasets and distillation methods")
+    p = sub.add_parser("list", help="list models, datasets, methods, detectors, language models and corpora")
     p.add_argument("words", nargs="*", metavar="SECTION",
-                   help="models, datasets, methods, timm, detectors, detection_datasets (default: all)")
+                   help="models, timm, datasets, methods, detectors, detection_datasets, lm_models, lm_corpora "
+                   "(default: all, long sections shortened to examples; a named section is listed whole)")
+    p.add_argument("--match", metavar="GLOB", help="only the names matching GLOB, e.g. '*vit*' or 'resnet*'")
     p.set_defaults(func=cmd_list, parser=p)
 
     p = sub.add_parser("convert", help="rewrite a weights file (e.g. a CRD/mdistiller checkpoint) as our safetensors")
