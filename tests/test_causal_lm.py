@@ -232,6 +232,12 @@ def test_bad_configs_are_refused_with_the_reason(runs, tmp_path):
     rc, _, err = cli("train", write(tmp_path / "kind.yaml", student(teacher_dir, teacher={"name": "qwen2", "path": str(
         teacher_dir)})), "--out", str(tmp_path / "k"))
     assert rc == 2 and "holds a 'llama' model" in err
+    for override, words in (("model.name=lama", "model.name 'lama' is not a causal LM (did you mean 'llama'?)"),
+                            ("data.options.blocksize=8", "(did you mean 'block_size'?); data.options takes block_size, "
+                             "vocab_size, tokenizer (the tokenizer and the blocks) and the options of corpus "
+                             "'python_stdlib': test_fraction, max_files")):
+        rc, _, err = cli("train", write(tmp_path / "t.yaml", TEACHER), override, "--out", str(tmp_path / "t"))
+        assert rc == 2 and words in err, err
     (tmp_path / "bare").mkdir()
     rc, _, err = cli("train", write(tmp_path / "bare.yaml", student(tmp_path / "bare")), "--out", str(tmp_path / "b"))
     assert rc == 2 and "holds no tokenizer" in err

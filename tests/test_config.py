@@ -41,6 +41,8 @@ def test_override_sets_a_loss_argument():
     (["distill.method=pcd", "teacher.name=cnn_large", "distill.loss.stagess=2"],
      ["distill.loss", "did you mean 'stages'"]),
     (["distill.method=kd"], ["teacher.name"]),
+    (["distill.method=kd", "teacher.name=cnn_large", "distill.loss.stages=3"],  # pcd.yaml with distill.method=kd
+     ["distill.loss.stages is not an option of kd (it is pcd's", "distill.loss={}", "kd takes temperature"]),
     (["distill.loss.temperature=2"], ["distill.loss", "vanilla"]),
     (["data.val_fraction=1.0"], ["data.val_fraction"]),
     (["schedule.milestones=[5, 2]"], ["schedule.milestones", "increasing"]),

@@ -42,6 +42,8 @@ def test_a_save_pretrained_folder_round_trips(tmp_path):
     ({"path": "{tmp}", "vocab_size": 3}, ValueError, r"takes no other key; got \['vocab_size'\]"),
     ({"config": "lama", "vocab_size": 10}, ValueError, r"unknown config 'lama'.*did you mean 'llama'"),
     ({"config": "llama", "hiden_size": 8, "vocab_size": 10}, ValueError, r"no key 'hiden_size'.*'hidden_size'"),
+    ({"config": "llama", "hidden": 8, "vocab_size": 10}, ValueError, r"no key 'hidden'.*'hidden_size'"),  # not _act
+    ({"config": "gpt2", "n_emb": 8, "vocab_size": 10}, ValueError, r"no key 'n_emb'.*'n_embd'"),
     ({"config": "gpt2", "hidden_size": 8}, ValueError, r"needs vocab_size"),
     ({"config": "gpt2", "path": "x"}, ValueError, r"exactly one of 'path'"),
     ("llama", TypeError, r"a dict with 'path' or 'config'"),

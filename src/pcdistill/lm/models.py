@@ -48,11 +48,14 @@ def create_causal_lm(spec: dict) -> nn.Module:
         raise ValueError(f"unknown config {name!r}{closest(str(name), list(CONFIGS))}; known: {', '.join(CONFIGS)}")
     config_cls = getattr(transformers, CONFIGS[name])
     keys = {k: v for k, v in spec.items() if k != "config"}
-    allowed = [p for p in inspect.signature(config_cls.__init__).parameters if p not in ("self", "kwargs")]
-    allowed += list(getattr(config_cls, "attribute_map", {}))
-    for key in keys:
-        if key not in allowed:
-            raise ValueError(f"{CONFIGS[name]} has no key {key!r}{closest(key, allowed)}")
+    params = inspect.signature(config_cls.__init__).parameters
+    defaults = {p: params[p].default for p in params if p not in ("self", "kwargs")}
+    defaults |= {alias: defaults.get(key) for alias, key in getattr(config_cls, "attribute_map", {}).items()}
+    for key, value in keys.items():
+        if key not in defaults:
+            # a suggestion of the value's kind first: hidden=8 means hidden_size, not hidden_act
+            alike = [k for k, d in defaults.items() if d is None or type(d) is type(value)]
+            raise ValueError(f"{CONFIGS[name]} has no key {key!r}{closest(key, alike) or closest(key, list(defaults))}")
     if "vocab_size" not in keys:
         raise ValueError(f"a {name!r} spec needs vocab_size (the tokenizer's vocabulary size)")
     return transformers.AutoModelForCausalLM.from_config(config_cls(**keys))

@@ -33,11 +33,12 @@ from torch import nn
 
 from pcdistill.config import Config, ConfigError
 from pcdistill.data.base import DatasetError
-from pcdistill.data.text import build_corpus
+from pcdistill.data.text import build_corpus, corpus_options
 from pcdistill.lm.data import TokenBlockLoader, encode_documents, token_blocks
 from pcdistill.lm.distill import CausalLMDistiller
 from pcdistill.lm.models import CONFIGS, create_causal_lm, full_logits, save_tied_once
 from pcdistill.lm.tokenizer import load_tokenizer, tokenizer_difference, train_tokenizer
+from pcdistill.registry import closest
 from pcdistill.tasks.base import Task, check_loss_fits
 
 DATA_OPTIONS = {"block_size": 128, "vocab_size": 8192, "tokenizer": None}  # ours; the rest go to the corpus
@@ -168,10 +169,15 @@ def pretrained(section: str, name: str, path: str, tokens: int) -> nn.Module:
     return model
 
 
+def check_model_name(name: str) -> None:
+    if name != "hf" and name not in CONFIGS:
+        raise ConfigError(f"model.name {name!r} is not a causal LM{closest(str(name), [*CONFIGS, 'hf'])}: use a "
+                          f"config type ({', '.join(CONFIGS)}) with model.options for a random init, or hf with "
+                          f"model.weights: FOLDER")
+
+
 def random_init(name: str, options: dict, tokenizer) -> nn.Module:
-    if name not in CONFIGS:
-        raise ConfigError(f"model.name {name!r} is not a causal LM: use a config type ({', '.join(CONFIGS)}) with "
-                          f"model.options for a random init, or hf with model.weights: FOLDER")
+    check_model_name(name)
     tokens = len(tokenizer)
     options = dict(options)
     vocab = options.pop("vocab_size", tokens)
@@ -216,15 +222,26 @@ def require_lm_extra() -> None:
 
 def build(cfg: Config, ctx) -> Task:
     require_lm_extra()
+    check_model_name(cfg.model.name)  # before the corpus and the tokenizer are built
     options = dict(cfg.data.options)
     ours = {key: options.pop(key, default) for key, default in DATA_OPTIONS.items()}
+    try:
+        corpus_own = [k for k in corpus_options(cfg.data.name) if k not in ("val_fraction", "root")]
+    except DatasetError as err:
+        raise DatasetError(f"data: {err}") from None
+    unknown = sorted(set(options) - set(corpus_own))
+    if unknown:
+        raise ConfigError(f"data.options: unknown option(s) {', '.join(map(repr, unknown))}"
+                          f"{closest(unknown[0], [*DATA_OPTIONS, *corpus_own])}; data.options takes "
+                          f"{', '.join(DATA_OPTIONS)} (the tokenizer and the blocks) and the options of corpus "
+                          f"{cfg.data.name!r}: {', '.join(corpus_own)}")
     block_size = _positive_int("block_size", ours["block_size"], 2)
     vocab_size = _positive_int("vocab_size", ours["vocab_size"], 1)
-    corpus_options = options | {"val_fraction": cfg.data.val_fraction}
+    corpus_args = options | {"val_fraction": cfg.data.val_fraction}
     if cfg.data.root:
-        corpus_options["root"] = cfg.data.root
+        corpus_args["root"] = cfg.data.root
     try:
-        splits = build_corpus(cfg.data.name, **corpus_options)
+        splits = build_corpus(cfg.data.name, **corpus_args)
     except DatasetError as err:
         raise DatasetError(f"data: {err}") from None
     tokenizer, tokenizer_source = resolve_tokenizer(cfg, ctx, splits.train, vocab_size)
