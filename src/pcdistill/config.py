@@ -329,10 +329,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(apply_overrides(data, list(overrides or [])))
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """A value used twice is written out twice: no ``&id001`` / ``*id001`` for people to decode."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def dump_yaml(data, **options) -> str:
+    """``yaml.safe_dump`` without anchors and aliases (``options``: sort_keys, default_flow_style, width, ...)."""
+    return yaml.dump(data, Dumper=_PlainDumper, **options)
+
+
 def save_config(cfg: Config, path: str | Path, given: dict[str, str] | None = None) -> None:
     """Write ``cfg`` as YAML; ``given`` (key -> path as typed) goes into a header comment, for display."""
     header = "".join(f"# {key} was given as {value!r}\n" for key, value in (given or {}).items())
-    Path(path).write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(header + dump_yaml(to_dict(cfg), sort_keys=False))
 
 
 # paths a run reads; stored absolute so that a run resumes or is evaluated from any directory
