@@ -119,3 +119,14 @@ def test_list_is_readable_and_names_the_language_model_parts(capsys):
     assert "llama, gpt2, qwen2, hf" in flat and "save_pretrained" in flat
     rc, out, _ = run_main(capsys, "list", "timm", "--match", "deit_tiny*")
     assert rc == 0 and "timm/deit_tiny_patch16_224" in out and "resnet" not in out
+
+
+def test_summary_says_epoch_once_and_gives_units():
+    from pcdistill.engine.trainer import Summary, format_summary
+    from pcdistill.tasks import format_metric
+    text = format_summary(Summary(REPO / "r", "AP", {"test_AP": 0.0, "val_AP": 1.5}, {"test_AP": 0.25}, 1, 2.0))
+    assert "(1 epoch, 2.0 s)" in text and "final-epoch test_AP: 0.00%" in text and "final-epoch val_AP: 1.50%" in text
+    assert "over epochs (for reference only; not used for any choice): 0.25%" in text
+    assert "(3 epochs, " in format_summary(Summary(REPO / "r", "ppl", {"test_ppl": 9.0}, {}, 3, 1.0))
+    assert [format_metric(k, 12.345) for k in ("val_acc", "top5", "test_agree", "APl", "ppl", "test_kl")] == \
+        ["12.35%", "12.35%", "12.35%", "12.35%", "12.35", "12.35"]

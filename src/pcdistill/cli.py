@@ -131,8 +131,9 @@ def cmd_eval(args) -> int:
         raise
     if heading:
         print(heading)
+    from pcdistill.tasks import format_metric
     for split, metrics in results.items():
-        print(f"{split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        print(f"{split}: " + ", ".join(f"{k} {format_metric(k, v)}" for k, v in metrics.items()))
     return 0
 
 
