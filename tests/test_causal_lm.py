@@ -66,6 +66,14 @@ def runs(tmp_path_factory):
 def test_train_prints_progress_and_final_test_perplexity(runs):
     rc, out, err = runs["pcd"]
     assert "epoch 1/1" in err  # the tqdm bar
+    assert "Loading weights" not in err and "Writing model shards" not in err  # transformers' bars are hidden
+    tokenizer = json.loads((runs["tmp"] / "teacher" / "tokenizer" / "tokenizer.json").read_text())
+    tokens = len(tokenizer["model"]["vocab"])  # the specials are in it too
+    header = f"causal_lm: tokenizer {runs['tmp'] / 'teacher' / 'tokenizer'} (the teacher's; {tokens} tokens); " \
+             f"vocabulary: student {tokens}, teacher {tokens}; train "
+    assert header in err, err[:2000]
+    steps = int(err.split(header)[1].split(" steps per epoch")[0].rsplit(" ", 1)[1])
+    assert steps == read_metrics(runs["tmp"] / "pcd")[-1]["step"]  # one epoch
     last = read_metrics(runs["tmp"] / "pcd")[-1]
     assert f"final-epoch test_ppl: {last['test_ppl']:.2f}" in out
     assert out.strip().splitlines()[-1].startswith("best test_ppl")

@@ -21,10 +21,12 @@ into its run folder (``tokenizer/``, and ``hf/`` with the student's ``save_pretr
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -76,6 +78,19 @@ def must_exist(key: str, path) -> None:
     if not Path(path).exists():
         raise ConfigError(f"{key} {str(path)!r} does not exist; expected a causal_lm run folder (pcdistill train "
                           f"<config> --out DIR writes DIR/hf and DIR/tokenizer) or a save_pretrained folder")
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No "Loading weights" / "Writing model shards" bars of transformers between the trainer's own lines."""
+    from transformers.utils import logging as hf_logging
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _load_tokenizer(key: str, folder: Path):
@@ -156,7 +171,8 @@ def pretrained(section: str, name: str, path: str, tokens: int) -> nn.Module:
     must_exist(key, path)
     folder = model_folder(path)
     try:
-        model = create_causal_lm({"path": str(folder)})
+        with quiet_transformers():
+            model = create_causal_lm({"path": str(folder)})
     except (FileNotFoundError, ValueError, OSError) as err:
         raise ConfigError(f"{key}: {err}") from None
     kind = getattr(model.config, "model_type", None)
@@ -295,9 +311,21 @@ def build(cfg: Config, ctx) -> Task:
         return out
 
     def export(net: nn.Module, out_dir: Path) -> None:
-        net.save_pretrained(out_dir / "hf")
+        with quiet_transformers():
+            net.save_pretrained(out_dir / "hf")
         tokenizer.save_pretrained(out_dir / "hf")
         tokenizer.save_pretrained(out_dir / "tokenizer")
+
+    if ctx.is_main:
+        given = cfg.data.options.get("tokenizer")
+        origin = "data.options.tokenizer" if given else "the teacher's" if teacher is not None else \
+            f"a byte-level BPE of vocab_size {vocab_size} trained on the train split (cached)"
+        sizes = f"student {_vocab_size(student)}" + (f", teacher {_vocab_size(teacher)}" if teacher else "")
+        evals = ", ".join(f"{split} {len(loader.dataset)} blocks" for split, loader in eval_loaders.items())
+        print(f"causal_lm: tokenizer {tokenizer_source} ({origin}; {tokens} tokens); vocabulary: {sizes}; train "
+              f"{len(train_blocks)} blocks of {block_size} tokens = {len(train_loader)} steps per epoch of "
+              f"{cfg.trainer.batch_size} blocks" + (f" x {ctx.world_size} processes" if ctx.world_size > 1 else "")
+              + f"; {evals}", file=sys.stderr, flush=True)
 
     metadata = {"task": "causal_lm", "model": cfg.model.name, "model_options": cfg.model.options,
                 "vocab_size": _vocab_size(student), "dataset": cfg.data.name, "tokenizer": str(tokenizer_source)}
