@@ -41,6 +41,8 @@ def test_override_sets_a_loss_argument():
     (["distill.method=pcd", "teacher.name=cnn_large", "distill.loss.stagess=2"],
      ["distill.loss", "did you mean 'stages'"]),
     (["distill.method=kd"], ["teacher.name"]),
+    (["distill.method=kd", "teacher.name=cnn_large", "distill.loss.stages=3"],  # pcd.yaml with distill.method=kd
+     ["distill.loss.stages is not an option of kd (it is pcd's", "distill.loss={}", "kd takes temperature"]),
     (["distill.loss.temperature=2"], ["distill.loss", "vanilla"]),
     (["data.val_fraction=1.0"], ["data.val_fraction"]),
     (["schedule.milestones=[5, 2]"], ["schedule.milestones", "increasing"]),
@@ -192,3 +194,14 @@ def test_the_papers_configs_keep_the_papers_weight():
         cfg = load_config(path)
         if cfg.distill.method == "pcd":
             assert cfg.distill.alpha == 1.0, path
+
+
+def test_shipped_and_saved_configs_hold_no_yaml_anchors(tmp_path):
+    from pcdistill.config import save_config
+    for path in SHIPPED:  # `&id001` / `*id001`: valid YAML, but a reader must decode them
+        assert not [e for e in yaml.parse(path.read_text()) if getattr(e, "anchor", None)], path
+    cfg = from_dict({"model": {"name": "cnn_tiny", "options": {"width": 8}}, "teacher": {"name": "cnn_tiny"}})
+    cfg.teacher.options = cfg.model.options  # one dict in two places, as yaml.safe_load gives for an alias
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "&" not in text and "*" not in text and text.count("width: 8") == 2

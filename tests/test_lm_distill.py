@@ -14,7 +14,7 @@ from pcdistill.lm.models import create_causal_lm
 from pcdistill.losses import dkd_loss, pcd_loss
 from tests.helpers import run_two_processes
 
-V_S, V_T, T = 100, 128, 2.0
+V_S, V_T, T = 100, 108, 2.0  # a padded teacher vocabulary (within VOCAB_TOLERANCE)
 
 
 def tiny_lm(config: str = "llama", vocab: int = V_S, hidden: int = 32, seed: int = 0):
@@ -187,6 +187,16 @@ def test_bad_arguments_are_named(kwargs, message):
     teacher = None if kwargs.pop("no_teacher", False) else torch.nn.Linear(1, 1)
     with pytest.raises((ValueError, TypeError), match=message):
         CausalLMDistiller(torch.nn.Linear(1, 1), teacher, **kwargs)
+
+
+@pytest.mark.parametrize("v_s,v_t", [(128, 50_000), (128, 100), (100, 128)])
+def test_vocabularies_beyond_padding_are_refused(v_s, v_t):
+    student, teacher = tiny_lm(vocab=v_s, hidden=8), tiny_lm(vocab=v_t, hidden=8)
+    message = rf"teacher's vocabulary has {v_t} entries and the student's {v_s}: they differ by {abs(v_s - v_t)} " \
+              rf"rows.*accepted: up to 10%.*share one tokenizer"
+    with pytest.raises(ValueError, match=message):
+        CausalLMDistiller(student, teacher, loss="kd")
+    assert CausalLMDistiller(student, None, loss="vanilla").loss == "vanilla"  # no teacher, nothing to compare
 
 
 def test_bad_batch_shapes_are_named():

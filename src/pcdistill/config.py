@@ -329,10 +329,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(apply_overrides(data, list(overrides or [])))
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """A value used twice is written out twice: no ``&id001`` / ``*id001`` for people to decode."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def dump_yaml(data, **options) -> str:
+    """``yaml.safe_dump`` without anchors and aliases (``options``: sort_keys, default_flow_style, width, ...)."""
+    return yaml.dump(data, Dumper=_PlainDumper, **options)
+
+
 def save_config(cfg: Config, path: str | Path, given: dict[str, str] | None = None) -> None:
     """Write ``cfg`` as YAML; ``given`` (key -> path as typed) goes into a header comment, for display."""
     header = "".join(f"# {key} was given as {value!r}\n" for key, value in (given or {}).items())
-    Path(path).write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(header + dump_yaml(to_dict(cfg), sort_keys=False))
 
 
 # paths a run reads; stored absolute so that a run resumes or is evaluated from any directory
@@ -451,8 +463,17 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"distill.loss is set ({d.loss}) but distill.method is 'vanilla', which uses no "
                               f"distillation loss; choose a method (kd, dkd, dist, pcd) or remove distill.loss")
     else:
-        from pcdistill.losses import build_loss, loss_arguments
+        from pcdistill.losses import build_loss, list_methods, loss_arguments
         defaults = loss_arguments(d.method)
+        foreign = [key for key in d.loss if key not in defaults]
+        if foreign:  # often left over from the config's own method, e.g. pcd's stages after distill.method=kd
+            owners = [m for m in list_methods() if m not in ("vanilla", d.method)
+                      and foreign[0] in loss_arguments(m)]
+            hint = (f" (it is {' and '.join(owners)}'s; distill.loss holds the options of distill.method: drop the "
+                    f"other method's with distill.loss={{}}, or set {d.method}'s with distill.loss={{...}})"
+                    if owners else closest(foreign[0], defaults))
+            raise ConfigError(f"distill.loss.{foreign[0]} is not an option of {d.method}{hint}; {d.method} takes "
+                              f"{', '.join(defaults)}")
         for key, value in d.loss.items():
             if isinstance(defaults.get(key), bool) and not isinstance(value, bool):
                 raise ConfigError(f"distill.loss.{key} must be true or false; got {value!r} ({type(value).__name__})")

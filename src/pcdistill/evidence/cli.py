@@ -6,7 +6,14 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="the accuracy suite and the bucket analysis (results/ for the README)")
+    bench = sub.add_parser(
+        "bench", help="the evidence suites (accuracy, detection, lm), their analysis, configs and README report",
+        description="Evidence suites: each trains its teachers once, then its students over seeds, into --out "
+                    "(resumable: finished runs are kept) and writes a table there. accuracy: classification on "
+                    "digits, fashion_mnist and fashion_mnist_pairs (accuracy.md); detection: fashion_scenes "
+                    "(detection.md); lm: python_stdlib language models, needs the lm extra (lm.md). Then analysis "
+                    "(teacher-student gap by teacher rank), configs (the shipped configs at the weights the suites "
+                    "chose on validation) and report (the tables into README.md).")
     what = bench.add_subparsers(dest="bench", required=True)
     p = _suite_parser(what, "accuracy", "teachers, then every student variant over seeds; resumable",
                       "a few-minute smoke run on digits")
@@ -69,6 +76,8 @@ def cmd_detection(args: argparse.Namespace) -> int:
 
 def cmd_lm(args: argparse.Namespace) -> int:
     from pcdistill.config import ConfigError
+    from pcdistill.tasks.causal_lm import require_lm_extra
+    require_lm_extra()
     from pcdistill.evidence.lm import RECIPES
     if args.recipe not in RECIPES:
         raise ConfigError(f"--recipe {args.recipe!r} is not a language-model suite; the recipes are "

@@ -29,7 +29,31 @@ from .models import full_logits, fusable, last_hidden_states, output_layer, unwr
 LOSSES = {"vanilla": None, "kd": kd_loss, "dkd": dkd_loss, "pcd": pcd_loss}
 FUSED = ("auto", "always", "never")
 IGNORE = -100
+# padding leaves vocabularies of one tokenizer a few hundred rows apart (Qwen2.5 151,936 vs 152,064, Pythia
+# 50,304 vs 50,688: under 1%); beyond this share of the larger one they cannot share a tokenizer
+VOCAB_TOLERANCE = 0.10
 _WARNED: set[str] = set()
+
+
+def vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the output layer (the config's ``vocab_size`` when it is no ``nn.Linear``), or None if unknown."""
+    layer = output_layer(model)
+    if layer is not None:
+        return layer[0].shape[0]
+    size = getattr(getattr(unwrap(model), "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def check_vocabularies(student: nn.Module, teacher: nn.Module) -> None:
+    """ValueError when the two vocabularies differ by more than padding explains (:data:`VOCAB_TOLERANCE`)."""
+    v_s, v_t = vocabulary_size(student), vocabulary_size(teacher)
+    if v_s is None or v_t is None or abs(v_s - v_t) <= VOCAB_TOLERANCE * max(v_s, v_t):
+        return
+    raise ValueError(f"the teacher's vocabulary has {v_t} entries and the student's {v_s}: they differ by "
+                     f"{abs(v_s - v_t)} rows, {100 * abs(v_s - v_t) / max(v_s, v_t):.0f}% of the larger, more than "
+                     f"padding explains (accepted: up to {VOCAB_TOLERANCE:.0%}; a padded vocabulary adds a few "
+                     f"hundred rows). The distillation term compares token ids 0..{min(v_s, v_t) - 1} of both "
+                     f"models, so they must share one tokenizer")
 
 
 def shifted_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +98,8 @@ class CausalLMDistiller(nn.Module):
     ``loss``: "vanilla" (CE only), "kd", "dkd" (its target is the next token) or "pcd";
     ``loss_options`` go to that loss (``pcd_loss``: temperature, stages, schedule, ...; ``progress``
     comes from ``forward``). ``warmup = min(epoch / warmup_epochs, 1)`` as in
-    :class:`pcdistill.distiller.Distiller`. The vocabularies may differ in size (a padded one): the
+    :class:`pcdistill.distiller.Distiller`. The vocabularies may differ in size (a padded one) by up to
+    10% of the larger (:data:`VOCAB_TOLERANCE`; more is refused, as no padding explains it): the
     distillation term uses the first ``min(V_s, V_t)`` classes, CE the student's whole vocabulary.
     ``fused``: "auto" uses the fused loss when both models allow it (:func:`pcdistill.lm.models.fusable`)
     and otherwise materializes the logits, warning once per process; "always" refuses to fall back,
@@ -99,6 +124,7 @@ class CausalLMDistiller(nn.Module):
             if teacher is None:
                 raise ValueError(f"loss={loss!r} needs a teacher; pass teacher=... or loss='vanilla'")
             build_loss(loss, **options)  # names an unknown or invalid option now, not at the first step
+            check_vocabularies(student, teacher)
         elif options:
             raise ValueError(f"loss='vanilla' takes no loss_options; got {sorted(options)}")
         self.student = student
