@@ -46,6 +46,17 @@ def test_method_choices_are_the_method_table():
             load_config(None, overrides + lm)
 
 
+def test_loss_options_must_fit_the_class_count():
+    from pcdistill.tasks.base import check_loss_fits
+    cfg = load_config(None, ["distill.method=pcd", "teacher.name=cnn_large", "distill.loss.stages=11"])
+    with pytest.raises(ConfigError, match=r"does not fit the 10 classes .*stages must be an int in \[1, C=10\]"):
+        check_loss_fits(cfg, 10)
+    check_loss_fits(cfg, 11)
+    with pytest.raises(ConfigError, match=r"C=2\]; got 3"):  # PCD's default stages
+        check_loss_fits(load_config(None, ["distill.method=pcd", "teacher.name=cnn_large"]), 2)
+    check_loss_fits(load_config(None, ["distill.method=jsd", "teacher.name=cnn_large"]), 2)
+
+
 def test_jsd_options_are_checked():
     base = ["distill.method=jsd", "teacher.name=cnn_large"]
     assert load_config(None, base + ["distill.loss.beta=0.3"]).distill.loss == {"beta": 0.3}
