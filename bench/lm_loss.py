@@ -1,6 +1,6 @@
 """Language-model distillation loss: the fused output-layer loss against materialized logits.
 
-Per shape (tokens x hidden x vocabulary) and method (KD, PCD K=3, DKD), three ways to get the loss and
+Per shape (tokens x hidden x vocabulary) and method (KD, PCD K=3, DKD, RKL, JSD, TVD), three ways to get the loss and
 the student's gradients (hidden states and output weight) from the last hidden states:
 * fused: ``fused_linear_distill_loss`` (logits never built for all tokens at once);
 * unfused: logits materialized (``h @ W.T``, the teacher's under no_grad), our loss on them, as a
@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmark, for its helpers
 from loss_speed import DTYPES, T, _status_kib, describe_hardware, sync, textbook_kd  # noqa: E402
 
-from pcdistill.losses import (dkd_loss, fused_linear_distill_loss, kd_loss, memory_budget_mib,  # noqa: E402
-                              pcd_loss, set_memory_budget)
+from pcdistill.losses import (dkd_loss, fused_linear_distill_loss, jsd_loss, kd_loss, memory_budget_mib,  # noqa: E402
+                              pcd_loss, rkl_loss, set_memory_budget, tvd_loss)
 
 SHAPES = ["1024x512x128000:fp32", "2048x256x32000:fp32"]
 QUICK_SHAPES = ["64x32x500:fp32"]
@@ -42,6 +42,9 @@ METHODS = {  # name: (fused method, its options, the unfused loss on logits)
     "KD": ("kd", {}, lambda s, t, y: kd_loss(s, t, temperature=T)),
     "PCD K=3": ("pcd", {"stages": 3}, lambda s, t, y: pcd_loss(s, t, temperature=T, stages=3)),
     "DKD": ("dkd", {}, lambda s, t, y: dkd_loss(s, t, y, temperature=T)),
+    "RKL": ("rkl", {}, lambda s, t, y: rkl_loss(s, t, temperature=T)),
+    "JSD": ("jsd", {"beta": 0.5}, lambda s, t, y: jsd_loss(s, t, temperature=T, beta=0.5)),
+    "TVD": ("tvd", {}, lambda s, t, y: tvd_loss(s, t, temperature=T)),
 }
 TARGET_MEMORY, TARGET_TIME = 0.25, 1.3
 

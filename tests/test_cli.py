@@ -76,8 +76,10 @@ def test_train_eval_and_list(config_file, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("val: acc") and "test: acc" in proc.stdout
     listing = run_cli("list").stdout
-    for word in ("resnet8x4", "wrn_40_2", "tv_resnet18", "digits", "fashion_mnist_pairs", "pcd", "dkd"):
+    for word in ("resnet8x4", "wrn_40_2", "tv_resnet18", "digits", "fashion_mnist_pairs"):
         assert word in listing
+    methods = next(line for line in listing.splitlines() if line.startswith("methods ("))
+    assert set(methods.split(": ", 1)[1].split(", ")) >= {"vanilla", "kd", "dkd", "dist", "pcd", "rkl", "jsd", "tvd"}
 
 
 def run_main(capsys, *args: str) -> tuple[int, str, str]:

@@ -6,7 +6,7 @@ import csv
 import pytest
 import yaml
 
-from pcdistill.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from pcdistill.config import CHOICES, ConfigError, apply_overrides, from_dict, load_config, to_dict
 from pcdistill.demo import recipe
 from tests.helpers import REPO
 
@@ -29,6 +29,41 @@ def test_override_sets_a_loss_argument():
     cfg = load_config(None, ["distill.method=pcd", "teacher.name=cnn_large", "distill.loss.stages=5",
                              "distill.loss.schedule=curriculum"])
     assert cfg.distill.loss == {"stages": 5, "schedule": "curriculum"}
+
+
+def test_method_choices_are_the_method_table():
+    from pcdistill.losses import fused_methods, list_methods
+    assert list(CHOICES["distill.method"]) == list_methods()
+    for method in list_methods():
+        overrides = [f"distill.method={method}"] + (["teacher.name=cnn_large"] if method != "vanilla" else [])
+        cfg = load_config(None, overrides)
+        assert cfg.distill.method == method
+        lm = ["task=causal_lm", "model.name=llama", "data.name=python_stdlib"]
+        if method in fused_methods():
+            continue
+        with pytest.raises(ConfigError, match=f"distill.method {method!r} is not available for task: causal_lm.*"
+                                              f"choose one of {', '.join(fused_methods())}"):
+            load_config(None, overrides + lm)
+
+
+def test_loss_options_must_fit_the_class_count():
+    from pcdistill.tasks.base import check_loss_fits
+    cfg = load_config(None, ["distill.method=pcd", "teacher.name=cnn_large", "distill.loss.stages=11"])
+    with pytest.raises(ConfigError, match=r"does not fit the 10 classes .*stages must be an int in \[1, C=10\]"):
+        check_loss_fits(cfg, 10)
+    check_loss_fits(cfg, 11)
+    with pytest.raises(ConfigError, match=r"C=2\]; got 3"):  # PCD's default stages
+        check_loss_fits(load_config(None, ["distill.method=pcd", "teacher.name=cnn_large"]), 2)
+    check_loss_fits(load_config(None, ["distill.method=jsd", "teacher.name=cnn_large"]), 2)
+
+
+def test_jsd_options_are_checked():
+    base = ["distill.method=jsd", "teacher.name=cnn_large"]
+    assert load_config(None, base + ["distill.loss.beta=0.3"]).distill.loss == {"beta": 0.3}
+    with pytest.raises(ConfigError, match=r"distill.loss: beta must lie in \[0, 1\]"):
+        load_config(None, base + ["distill.loss.beta=1.5"])
+    with pytest.raises(ConfigError, match="distill.loss.standardize must be true or false"):
+        load_config(None, base + ["distill.loss.standardize=1"])
 
 
 @pytest.mark.parametrize("overrides,words", [

@@ -1,8 +1,9 @@
 """The fused output-layer loss against the unfused loss on materialized logits, in float64.
 
-Reference: ``s = h_s @ W_s.T + b_s``, ``t = h_t @ W_t.T + b_t`` built in full, the public
-``kd_loss`` / ``dkd_loss`` / ``pcd_loss`` on ``[..., :min(V_s, V_t)]`` with the counted rows as
-``valid``, plus ``ce_weight * F.cross_entropy(s, target, ignore_index)``; gradients by autograd.
+Reference: ``s = h_s @ W_s.T + b_s``, ``t = h_t @ W_t.T + b_t`` built in full, the public loss of the
+method (``kd_loss``, ``dkd_loss``, ``pcd_loss``, ``rkl_loss``, ... from the method table) on
+``[..., :min(V_s, V_t)]`` with the counted rows as ``valid``, plus
+``ce_weight * F.cross_entropy(s, target, ignore_index)``; gradients by autograd.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcdistill.losses import dkd_loss, fused_linear_distill_loss, kd_loss, memory_budget, memory_budget_mib, pcd_loss
+from pcdistill.losses import (fused_linear_distill_loss, fused_methods, get_method, kd_loss, memory_budget,
+                              memory_budget_mib)
 from pcdistill.losses import fused_linear as fused_module
 
 IGNORE = -100
@@ -26,6 +28,9 @@ CASES = [
     ("pcd", {"rank_by": "none", "adaptive": False}),
     ("pcd", {"variant": "released"}),
     ("pcd", {"variant": "released", "standardize": True, "temperature": 2.0}),
+    ("rkl", {"temperature": 2.0}),
+    ("jsd", {"beta": 0.3, "standardize": True}),
+    ("tvd", {}),
     ("vanilla", {}),
 ]
 IDS = [m + "".join(f"-{k}={v}" for k, v in kw.items()) for m, kw in CASES]
@@ -66,9 +71,10 @@ def reference(x, method, kw, target=None, ce_weight=0.0, valid=None, class_mask=
         counted &= valid
     total = s.new_zeros(())
     if method != "vanilla":
-        fn = {"kd": kd_loss, "pcd": pcd_loss, "dkd": lambda a, b, **k: dkd_loss(a, b, target, **k)}[method]
-        total = total + fn(s[..., :common], t[..., :common], valid=counted, class_mask=class_mask,
-                           reduction=reduction, **kw)
+        entry = get_method(method)
+        args = (target,) if entry.needs_target else ()
+        total = total + entry.loss(s[..., :common], t[..., :common], *args, valid=counted, class_mask=class_mask,
+                                   reduction=reduction, **kw)
     if ce_weight:
         y = torch.where(counted, target, IGNORE).reshape(-1)
         ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), y, ignore_index=IGNORE, reduction=reduction)
@@ -89,6 +95,11 @@ def assert_same(got, want, rtol=1e-10, atol=1e-10):
     torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=rtol, atol=atol)
+
+
+def test_every_fused_method_has_cases():
+    assert {m for m, _ in CASES} == set(fused_methods())
+    assert "dist" not in fused_methods()
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 3, None])
@@ -120,8 +131,8 @@ def test_equals_unfused_loss_student_vocab_larger(method, kw, reduction):
     assert_same(got, want)
 
 
-@pytest.mark.parametrize("method, kw", [c for c in CASES if c[0] in ("kd", "pcd")],
-                         ids=[i for i, c in zip(IDS, CASES) if c[0] in ("kd", "pcd")])
+@pytest.mark.parametrize("method, kw", [c for c in CASES if c[0] in ("kd", "pcd", "jsd")],
+                         ids=[i for i, c in zip(IDS, CASES) if c[0] in ("kd", "pcd", "jsd")])
 def test_without_target_or_cross_entropy(method, kw):
     x, _ = layers(leading=(6,), seed=2)
     assert_same(fused(x, method, kw, chunk_rows=4), reference(x, method, kw))
@@ -170,7 +181,7 @@ def test_bf16_inputs_match_float64_reference_loosely():
     x16 = {k: None if v is None else v.detach().to(torch.bfloat16).requires_grad_(v.requires_grad)
            for k, v in x64.items()}
     x_ref = {k: None if v is None else v.detach().double().requires_grad_(v.requires_grad) for k, v in x16.items()}
-    for method, kw in [("kd", {}), ("pcd", {}), ("pcd", {"variant": "released"}), ("dkd", {})]:
+    for method, kw in [("kd", {}), ("pcd", {}), ("pcd", {"variant": "released"}), ("dkd", {}), ("jsd", {})]:
         (loss, grads) = fused(x16, method, kw, target=target, ce_weight=0.5, chunk_rows=5)
         ref_loss, ref_grads = reference(x_ref, method, kw, target, 0.5)
         assert loss.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
@@ -236,6 +247,8 @@ BAD = [
     (dict(method="dist"), ValueError, "cannot be fused"),
     (dict(temprature=2.0), ValueError, "did you mean 'temperature'"),
     (dict(method="kd", stages=3), ValueError, "has no option 'stages'"),
+    (dict(method="jsd", betta=0.3), ValueError, "did you mean 'beta'"),
+    (dict(method="jsd", beta=2.0), ValueError, r"beta must lie in \[0, 1\]"),
     (dict(method="dkd"), ValueError, "method 'dkd' needs target"),
     (dict(ce_weight=1.0), ValueError, "ce_weight=1.0 needs target"),
     (dict(method="vanilla", target="ok"), ValueError, "ce_weight > 0"),

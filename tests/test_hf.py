@@ -107,10 +107,10 @@ def arguments(folder, **kwargs):
     return transformers.TrainingArguments(**(base | kwargs))
 
 
-def trainer_for(folder, student=None, teacher=None, data_size: int = 16, **kwargs):
+def trainer_for(folder, student=None, teacher=None, data_size: int = 16, loss: str = "pcd", **kwargs):
     loss_options = kwargs.pop("loss_options", {"temperature": 2.0, "stages": 2})
     return DistillationTrainer(model=student or tiny_lm(), teacher_model=teacher or tiny_lm(vocab=V_T, seed=1),
-                               args=arguments(folder, **kwargs), train_dataset=dataset(data_size), loss="pcd",
+                               args=arguments(folder, **kwargs), train_dataset=dataset(data_size), loss=loss,
                                loss_options=loss_options)
 
 
@@ -132,6 +132,13 @@ def test_trainer_runs_logs_the_parts_and_leaves_the_teacher_alone(tmp_path):
         assert torch.equal(value, before[key]), key
     assert not teacher.training and all(p.grad is None for p in teacher.parameters())
     assert torch.isfinite(torch.tensor(trainer.evaluate(dataset(4))["eval_loss"]))
+
+
+def test_trainer_takes_a_method_of_the_table(tmp_path):
+    trainer = trainer_for(tmp_path, max_steps=1, loss="jsd", loss_options={"beta": 0.3, "temperature": 2.0})
+    trainer.train()
+    entry = trainer.state.log_history[0]
+    assert entry["jsd_loss"] > 0 and entry["loss"] == pytest.approx(entry["ce_loss"] + entry["jsd_loss"], rel=1e-5)
 
 
 def test_trainer_refuses_a_teacher_of_another_vocabulary(tmp_path):

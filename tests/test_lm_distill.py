@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from pcdistill.lm import distill as lm_distill
 from pcdistill.lm.distill import CausalLMDistiller
 from pcdistill.lm.models import create_causal_lm
-from pcdistill.losses import dkd_loss, pcd_loss
+from pcdistill.losses import fused_methods, get_method
 from tests.helpers import run_two_processes
 
 V_S, V_T, T = 100, 108, 2.0  # a padded teacher vocabulary (within VOCAB_TOLERANCE)
@@ -61,19 +61,24 @@ def reference(student, teacher, ids, labels, mask, method, ce_weight, weight, op
     if method == "kd":
         log_p_s, log_p_t = torch.log_softmax(rows / T, -1), torch.log_softmax(t / T, -1)
         value = (T * T * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)).mean()
-    elif method == "dkd":
-        value = dkd_loss(rows, t, y, temperature=T, **options)
-    else:
-        value = pcd_loss(rows, t, temperature=T, **options)
+    else:  # the method's public loss on the counted rows
+        entry = get_method(method)
+        value = entry.loss(rows, t, *((y,) if entry.needs_target else ()), temperature=T, **options)
     out[method] = weight * value
     return out
 
 
 CASES = [("vanilla", {}), ("kd", {}), ("dkd", {"beta": 2.0}), ("pcd", {"stages": 2}),
-         ("pcd", {"stages": 3, "schedule": "curriculum", "progress": 0.7})]
+         ("pcd", {"stages": 3, "schedule": "curriculum", "progress": 0.7}), ("rkl", {}), ("jsd", {"beta": 0.3}),
+         ("tvd", {})]
 
 
-@pytest.mark.parametrize("method,options", CASES, ids=["vanilla", "kd", "dkd", "pcd", "pcd-curriculum"])
+def test_every_fused_method_has_a_case():
+    assert {m for m, _ in CASES} == set(fused_methods())
+
+
+@pytest.mark.parametrize("method,options", CASES, ids=["vanilla", "kd", "dkd", "pcd", "pcd-curriculum", "rkl", "jsd",
+                                                       "tvd"])
 @pytest.mark.parametrize("fused", ["always", "never"])
 def test_losses_and_gradients_equal_the_materialized_reference(method, options, fused):
     student, teacher = tiny_lm(), tiny_lm(vocab=V_T, hidden=48, seed=1)
@@ -175,7 +180,7 @@ def test_teacher_is_frozen_in_eval_mode():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"loss": "pcdd"}, "unknown loss 'pcdd'.*did you mean 'pcd'"),
-    ({"loss": "dist"}, "unknown loss 'dist'"),
+    ({"loss": "dist"}, "loss .dist. cannot distill a causal LM.*correlates each class"),
     ({"loss": "pcd", "loss_options": {"stagse": 2}}, "stagse.*stages"),
     ({"loss": "kd", "loss_options": {"reduction": "sum"}}, "may not set 'reduction'"),
     ({"loss": "kd", "no_teacher": True}, "needs a teacher"),

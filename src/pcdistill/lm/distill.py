@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcdistill.distiller import check_epoch
-from pcdistill.losses import build_loss, dkd_loss, fused_linear_distill_loss, kd_loss, pcd_loss
+from pcdistill.losses import METHODS, build_loss, fused_linear_distill_loss, fused_methods, get_method
 from pcdistill.registry import closest
 
 from .models import full_logits, fusable, last_hidden_states, output_layer, unwrap
 
-LOSSES = {"vanilla": None, "kd": kd_loss, "dkd": dkd_loss, "pcd": pcd_loss}
 FUSED = ("auto", "always", "never")
 IGNORE = -100
 # padding leaves vocabularies of one tokenizer a few hundred rows apart (Qwen2.5 151,936 vs 152,064, Pythia
@@ -72,11 +71,12 @@ def materialized_distill_loss(student_logits: torch.Tensor, teacher_logits: torc
     y = target.reshape(-1)
     keep = y != IGNORE
     distill = ce = rows.sum() * 0
-    if method != "vanilla":
+    entry = get_method(method)
+    if entry.loss is not None:
         t = teacher_logits.reshape(rows.shape[0], -1)
         common = min(rows.shape[-1], t.shape[-1])  # padded vocabularies: the shared first classes
-        extra = {"target": y.masked_fill(~keep, 0)} if method == "dkd" else {}
-        distill = LOSSES[method](rows[:, :common], t[:, :common], valid=keep, reduction="sum", **extra, **options)
+        extra = (y.masked_fill(~keep, 0),) if entry.needs_target else ()
+        distill = entry.loss(rows[:, :common], t[:, :common], *extra, valid=keep, reduction="sum", **options)
     if ce_weight:
         ce = F.cross_entropy(rows.float(), y, ignore_index=IGNORE, reduction="sum")
     total = distill + ce_weight * ce
@@ -95,9 +95,10 @@ def _warn_once(key: str, message: str) -> None:
 class CausalLMDistiller(nn.Module):
     """``ce_weight * CE + warmup * alpha * <loss>(student, teacher)`` over every next-token prediction.
 
-    ``loss``: "vanilla" (CE only), "kd", "dkd" (its target is the next token) or "pcd";
+    ``loss``: a method that runs fused with the output layer (:func:`pcdistill.losses.fused_methods`):
+    "vanilla" (CE only), "kd", "dkd" (its target is the next token), "pcd", "rkl", "jsd" or "tvd";
     ``loss_options`` go to that loss (``pcd_loss``: temperature, stages, schedule, ...; ``progress``
-    comes from ``forward``). ``warmup = min(epoch / warmup_epochs, 1)`` as in
+    comes from ``forward`` for a method that needs it, PCD). ``warmup = min(epoch / warmup_epochs, 1)`` as in
     :class:`pcdistill.distiller.Distiller`. The vocabularies may differ in size (a padded one) by up to
     10% of the larger (:data:`VOCAB_TOLERANCE`; more is refused, as no padding explains it): the
     distillation term uses the first ``min(V_s, V_t)`` classes, CE the student's whole vocabulary.
@@ -110,9 +111,13 @@ class CausalLMDistiller(nn.Module):
                  loss_options: dict | None = None, alpha: float = 1.0, ce_weight: float = 1.0,
                  warmup_epochs: float = 0.0, fused: str = "auto"):
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}{closest(str(loss), list(LOSSES))}; "
-                             f"a causal LM distills with one of {', '.join(LOSSES)}")
+        methods = fused_methods()
+        if loss in METHODS and loss not in methods:
+            raise ValueError(f"loss {loss!r} cannot distill a causal LM, which runs the loss fused with the output "
+                             f"layer: {METHODS.get(loss).unfused_because}; use one of {', '.join(methods)}")
+        if loss not in methods:
+            raise ValueError(f"unknown loss {loss!r}{closest(str(loss), methods)}; "
+                             f"a causal LM distills with one of {', '.join(methods)}")
         if fused not in FUSED:
             raise ValueError(f"fused must be one of {', '.join(FUSED)}; got {fused!r}")
         options = dict(loss_options or {})
@@ -195,7 +200,7 @@ class CausalLMDistiller(nn.Module):
         weight = 0.0 if self.loss == "vanilla" else self.warmup(epoch) * self.alpha
         method = self.loss if weight else "vanilla"  # at warm-up's start the teacher is not run
         options = dict(self.loss_options)
-        if method == "pcd":
+        if get_method(method).needs_progress:
             options["progress"] = progress
         # one call computes weight * (distill + ce_weight / weight * CE), so value and gradient stay exact
         ce_weight = self.ce_weight / weight if weight else self.ce_weight

@@ -11,7 +11,6 @@ inside and ``torch.compile(fullgraph=True)`` traces the whole call.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from numbers import Integral
 
 import torch
@@ -21,13 +20,9 @@ from pcdistill.registry import closest
 from ._common import (check_bool, check_class_mask, check_real, check_valid, compute_dtype, device_checks_enabled,
                       reduce_rows)
 from ._rows import RowSpec, memory_budget, memory_budget_mib, rows_and_grads
-from .dkd import dkd_loss, dkd_row_spec
-from .kd import kd_loss, kd_row_spec
-from .pcd import _check_options, _check_stages, pcd_loss, pcd_row_spec, released_grads, released_values
+from .methods import METHODS, Method, fused_methods
+from .pcd import _check_options, _check_stages, released_grads, released_values
 
-FUSED_METHODS = ("vanilla", "kd", "dkd", "pcd")
-LOSSES = {"kd": kd_loss, "dkd": dkd_loss, "pcd": pcd_loss}
-SET_HERE = ("reduction", "valid", "class_mask")  # passed by the fused loss itself, not as a loss option
 # (rows, V)-sized arrays of a chunk in the compute dtype: student logits (overwritten by their gradient),
 # teacher logits and the distillation term's gradient; half-precision weights add their own logits and casts
 FUSED_ARRAYS = 3
@@ -39,7 +34,8 @@ LOGITS_SHARE = 0.75
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """The Python-side settings of one call (everything but tensors)."""
-    method: str
+    method: Method
+    released: bool  # PCD's released variant: two passes (its batch-mean weight couples the rows)
     options: dict
     common: int  # V = min(V_s, V_t): the classes the distillation term compares
     ce_weight: float
@@ -51,30 +47,17 @@ class _Plan:
     spec: RowSpec | None  # the distillation term as rows (None: vanilla, or PCD's released variant)
 
 
-def _loss_options(method: str, loss_kwargs: dict) -> dict:
+def _loss_options(method: Method, loss_kwargs: dict) -> dict:
     """``loss_kwargs`` checked against the keyword options of ``method``'s public loss."""
-    if method == "vanilla":
-        allowed = []
-    else:
-        params = inspect.signature(LOSSES[method]).parameters.values()
-        allowed = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in SET_HERE]
+    allowed = list(method.options())
     for key in loss_kwargs:
         if key not in allowed:
-            raise ValueError(f"method {method!r} has no option {key!r}{closest(key, allowed)}; "
+            raise ValueError(f"method {method.name!r} has no option {key!r}{closest(key, allowed)}; "
                              f"it accepts: {', '.join(allowed) or 'no options'}")
     options = dict(loss_kwargs)
     if isinstance(options.get("progress"), torch.Tensor) and options["progress"].numel() == 1:
         options["progress"] = options["progress"].item()  # once, not once per chunk (a device sync on CUDA)
     return options
-
-
-def _row_spec(method: str, options: dict, common: int, device) -> RowSpec:
-    """The distillation term of ``method`` with ``options`` as rows (the public loss's checks included)."""
-    if method == "kd":
-        return kd_row_spec(**options)
-    if method == "dkd":
-        return dkd_row_spec(**options)
-    return pcd_row_spec(common, device, **{k: v for k, v in options.items() if k != "variant"})
 
 
 def _check_linear(who: str, hidden, weight, bias, device=None) -> int:
@@ -117,8 +100,9 @@ def _check_target(target, leading, device) -> torch.Tensor:
     return target.reshape(-1).to(device=device, dtype=torch.long)
 
 
-def _check_target_range(y, counted, vocab: int, common: int, method: str) -> None:
-    """Targets of counted rows in ``[0, V_s)`` (and in the common classes for DKD); reads the values back."""
+def _check_target_range(y, counted, vocab: int, common: int, method: Method) -> None:
+    """Targets of counted rows in ``[0, V_s)`` (and in the common classes for a method that reads them, DKD);
+    reads the values back."""
     if not y.numel() or not device_checks_enabled(y) or torch.compiler.is_compiling():
         return
     y = y if counted is None else torch.where(counted, y, 0)
@@ -126,8 +110,9 @@ def _check_target_range(y, counted, vocab: int, common: int, method: str) -> Non
     if low < 0 or high >= vocab:
         raise ValueError(f"target must hold token ids in [0, V_s={vocab}) on a counted row; found "
                          f"{low if low < 0 else high}")
-    if method == "dkd" and high >= common:
-        raise ValueError(f"dkd needs targets inside the classes both vocabularies share, [0, {common}); found {high}")
+    if method.needs_target and high >= common:
+        raise ValueError(f"{method.name} needs targets inside the classes both vocabularies share, [0, {common}); "
+                         f"found {high}")
 
 
 def _linear(hidden, weight, bias):
@@ -158,7 +143,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         ce = torch.zeros_like(distill)
         keep_all = counted if counted is not None else torch.ones(rows, dtype=torch.bool, device=device)
         released = None
-        if plan.spec is None and plan.method == "pcd":  # the released variant: batch sums first, then gradients
+        if plan.released:  # batch sums first, then gradients
             released = _released_sums(h_s, w_s, b_s, h_t, w_t, b_t, keep_all, class_mask, plan)
             distill = released[0]
         labelled = None
@@ -168,7 +153,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         for start, stop in _chunks(rows, plan.step) if busy else ():
             z = _linear(h_s[start:stop], w_s, b_s).to(plan.dtype)  # the loss computes in this dtype anyway
             g = None
-            if plan.method != "vanilla" and (want_grad or released is None):
+            if plan.method.loss is not None and (want_grad or released is None):
                 part, g = _distill_chunk(z, h_t[start:stop], w_t, b_t, y, counted, keep_all, class_mask, plan,
                                          released, start, stop, want_grad)
                 distill = distill + part
@@ -228,7 +213,7 @@ def _distill_chunk(z, h_t, w_t, b_t, y, counted, keep_all, class_mask, plan: _Pl
                            (coef * kl_sum).expand(rows))
         return torch.zeros((), dtype=plan.dtype, device=z.device), g
     keep = None if counted is None else counted[start:stop]
-    extra = (torch.where(keep_all[start:stop], y[start:stop], 0),) if plan.method == "dkd" else ()
+    extra = (torch.where(keep_all[start:stop], y[start:stop], 0),) if plan.method.needs_target else ()
     loss, g = rows_and_grads(z_common, z_t, plan.spec, plan.dtype, keep, class_mask, extra, want_grad)
     return reduce_rows(loss, keep, "sum", loss.shape), g
 
@@ -289,11 +274,14 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
 
     over the counted rows ``i`` (``target != ignore_index`` and ``valid``), with ``n`` their number
     (``reduction="mean"``; 0 rows give 0) or ``n = 1`` (``"sum"``, e.g. for Hugging Face's
-    ``num_items_in_batch`` scaling). ``D`` is the unfused loss of ``method`` with ``loss_kwargs``:
+    ``num_items_in_batch`` scaling). ``D`` is the unfused loss of ``method`` with ``loss_kwargs``, any
+    method of the table (:mod:`pcdistill.losses.methods`) with a row form (:func:`fused_methods`):
     ``"kd"`` (:func:`kd_loss`), ``"dkd"`` (:func:`dkd_loss`, needs ``target``), ``"pcd"``
     (:func:`pcd_loss`: Progressive Class-level Distillation, Li et al., arXiv 2505.24310, every option,
     ``variant="released"`` included, whose batch-mean weight is handled by a first pass over the rows),
-    or ``"vanilla"`` (no ``D``, teacher arguments unused: a fused linear cross-entropy). ``CE`` is over
+    ``"rkl"`` (:func:`rkl_loss`), ``"jsd"`` (:func:`jsd_loss`, e.g. ``beta=0.5``), ``"tvd"``
+    (:func:`tvd_loss`), or ``"vanilla"`` (no ``D``, teacher arguments unused: a fused linear
+    cross-entropy). DIST is not fused: its intra-class term couples all rows. ``CE`` is over
     the student's full vocabulary, the model's own LM loss. Value, masking and NaN rules are exactly
     those of the unfused loss on the materialized logits (``class_mask``, of length ``V``, included).
 
@@ -315,13 +303,15 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     ``return_parts=True``. A target outside ``[0, V_s)`` on a counted row is a ``ValueError`` (checked
     on the CPU, on CUDA only under :func:`pcdistill.losses.set_device_checks`).
     """
-    if method == "dist":
-        raise ValueError("method 'dist' cannot be fused: its intra-class term correlates each class over all "
-                         f"rows at once; use one of {', '.join(map(repr, FUSED_METHODS))}")
-    if not isinstance(method, str) or method not in FUSED_METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, FUSED_METHODS))}; got {method!r}"
-                         f"{closest(method, FUSED_METHODS)}")
-    options = _loss_options(method, loss_kwargs)
+    fusable = fused_methods()
+    if isinstance(method, str) and method in METHODS and method not in fusable:
+        raise ValueError(f"method {method!r} cannot be fused: {METHODS.get(method).unfused_because}; use one of "
+                         f"{', '.join(map(repr, fusable))}")
+    if not isinstance(method, str) or method not in fusable:
+        raise ValueError(f"method must be one of {', '.join(map(repr, fusable))}; got {method!r}"
+                         f"{closest(method, fusable)}")
+    entry = METHODS.get(method)
+    options = _loss_options(entry, loss_kwargs)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' (the fused loss returns a scalar); got {reduction!r}"
                          f"{closest(reduction, ('mean', 'sum'))}")
@@ -338,7 +328,7 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     vocab = _check_linear("student", student_hidden, student_weight, student_bias)
     device, leading = student_hidden.device, student_hidden.shape[:-1]
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    if method == "vanilla":
+    if entry.loss is None:
         if ce_weight == 0:
             raise ValueError("method 'vanilla' has no distillation term: give ce_weight > 0 (e.g. 1.0) and target")
         if class_mask is not None:
@@ -362,27 +352,27 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
         y = _check_target(target, leading, device)
         labelled = y != ignore_index
         counted = labelled if counted is None else counted & labelled
-        _check_target_range(y, counted, vocab, common, method)
-    elif method in ("dkd", "vanilla") or ce_weight != 0:
-        needs = f"method {method!r}" if method in ("dkd", "vanilla") else f"ce_weight={ce_weight}"
+        _check_target_range(y, counted, vocab, common, entry)
+    elif entry.needs_target or entry.loss is None or ce_weight != 0:
+        needs = f"method {method!r}" if entry.needs_target or entry.loss is None else f"ce_weight={ce_weight}"
         raise ValueError(f"{needs} needs target (token ids of the hidden states' leading shape)")
 
-    released = method == "pcd" and options.get("variant") == "released"
-    if released:  # bypasses pcd_loss, so its checks run here
-        options["stages"] = _check_stages(options.get("stages", 3), common)
-        options["temperature"], _ = _check_options(options.get("temperature", 4.0), options.get("schedule", "joint"),
-                                                   options.get("progress"), options.get("rank_by", "abs_diff"),
-                                                   "released", reduction)
-        check_bool("standardize", options.get("standardize", False))
-        check_bool("adaptive", options.get("adaptive", True))
+    options = entry.options() | options  # every option named, defaults filled in
+    released = method == "pcd" and options["variant"] == "released"
+    if released:  # bypasses pcd_loss's row form, so its checks run here
+        options["stages"] = _check_stages(options["stages"], common)
+        options["temperature"], _ = _check_options(options["temperature"], options["schedule"], options["progress"],
+                                                   options["rank_by"], "released", reduction)
+        check_bool("standardize", options["standardize"])
+        check_bool("adaptive", options["adaptive"])
     dtype = compute_dtype(student_weight, student_weight if w_t is None else w_t)
     budget = memory_budget_mib() * 2**20
     arrays = FUSED_ARRAYS + (student_weight.dtype != dtype)
     row_bytes = max(vocab, common) * torch.finfo(dtype).bits // 8 * arrays
     step = chunk_rows or min(h_s.shape[0], int(budget * LOGITS_SHARE) // row_bytes)
-    plan = _Plan(method, options, common, ce_weight, ignore_index, y is not None and (ce_weight != 0 or return_parts),
-                 reduction, max(1, step), dtype, None if released or method == "vanilla"
-                 else _row_spec(method, options, common, device))
+    spec = None if released or entry.loss is None else entry.row_spec(common, device, **options)
+    plan = _Plan(entry, released, options, common, ce_weight, ignore_index,
+                 y is not None and (ce_weight != 0 or return_parts), reduction, max(1, step), dtype, spec)
     with memory_budget(memory_budget_mib() * (1 - LOGITS_SHARE)):  # the loss's workspace inside each chunk
         total, distill, ce = _FusedLinearDistill.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, y, counted,
                                                        classes, plan)
