@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from pcdistill import losses
-from pcdistill.losses import (DISTLoss, DKDLoss, JSDLoss, KDLoss, PCDLoss, RKLLoss, TVDLoss, dist_loss, dkd_loss,
-                              get_method, jsd_loss, kd_loss, list_methods, pcd_loss, rkl_loss, standardize_logits,
-                              tvd_loss)
+from pcdistill.losses import (DISTLoss, DKDLoss, JSDLoss, KDLoss, PCDLoss, RKLLoss, TVDLoss, call_loss, dist_loss,
+                              dkd_loss, get_method, jsd_loss, kd_loss, list_methods, pcd_loss, rkl_loss,
+                              standardize_logits, tvd_loss)
 from pcdistill.losses import _pcd_rows as kernel
 from pcdistill.losses import _rows as rows_module
 from pcdistill.losses import pcd as pcd_module
@@ -536,6 +536,10 @@ def test_modules_of_the_table_equal_their_functions(method):
     extra = {"progress": progress} if entry.needs_progress else {}
     want = call(method, s, t, target, **options, **extra)
     torch.testing.assert_close(module(s, t, *args, **extra), want, rtol=0, atol=0)
+    # call_loss passes the target and the progress as the module, or the table's entry, declares
+    torch.testing.assert_close(call_loss(module, s, t, target, progress=progress), want, rtol=0, atol=0)
+    torch.testing.assert_close(call_loss(entry.loss, s, t, target, progress=progress, declared_by=entry, **options),
+                               want, rtol=0, atol=0)
     assert entry.needs_target == ("target" in inspect.signature(entry.loss).parameters)
     assert entry.needs_progress == ("progress" in inspect.signature(entry.loss).parameters)
 

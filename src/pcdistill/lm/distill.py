@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pcdistill.distiller import check_epoch
-from pcdistill.losses import METHODS, build_loss, fused_linear_distill_loss, fused_methods, get_method
+from pcdistill.distiller import DistillerBase
+from pcdistill.losses import METHODS, build_loss, call_loss, fused_linear_distill_loss, fused_methods, get_method
 from pcdistill.registry import closest
 
 from .models import full_logits, fusable, last_hidden_states, output_layer, unwrap
@@ -75,8 +75,8 @@ def materialized_distill_loss(student_logits: torch.Tensor, teacher_logits: torc
     if entry.loss is not None:
         t = teacher_logits.reshape(rows.shape[0], -1)
         common = min(rows.shape[-1], t.shape[-1])  # padded vocabularies: the shared first classes
-        extra = (y.masked_fill(~keep, 0),) if entry.needs_target else ()
-        distill = entry.loss(rows[:, :common], t[:, :common], *extra, valid=keep, reduction="sum", **options)
+        distill = call_loss(entry.loss, rows[:, :common], t[:, :common], y.masked_fill(~keep, 0), declared_by=entry,
+                            valid=keep, reduction="sum", **options)
     if ce_weight:
         ce = F.cross_entropy(rows.float(), y, ignore_index=IGNORE, reduction="sum")
     total = distill + ce_weight * ce
@@ -92,7 +92,7 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=4)  # points at the caller of losses()
 
 
-class CausalLMDistiller(nn.Module):
+class CausalLMDistiller(DistillerBase):
     """``ce_weight * CE + warmup * alpha * <loss>(student, teacher)`` over every next-token prediction.
 
     ``loss``: a method that runs fused with the output layer (:func:`pcdistill.losses.fused_methods`):
@@ -104,13 +104,12 @@ class CausalLMDistiller(nn.Module):
     distillation term uses the first ``min(V_s, V_t)`` classes, CE the student's whole vocabulary.
     ``fused``: "auto" uses the fused loss when both models allow it (:func:`pcdistill.lm.models.fusable`)
     and otherwise materializes the logits, warning once per process; "always" refuses to fall back,
-    "never" always materializes. The teacher is frozen: eval mode, no gradients.
+    "never" always materializes. The teacher is frozen (:class:`pcdistill.distiller.DistillerBase`).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, loss: str = "pcd",
                  loss_options: dict | None = None, alpha: float = 1.0, ce_weight: float = 1.0,
                  warmup_epochs: float = 0.0, fused: str = "auto"):
-        super().__init__()
         methods = fused_methods()
         if loss in METHODS and loss not in methods:
             raise ValueError(f"loss {loss!r} cannot distill a causal LM, which runs the loss fused with the output "
@@ -132,27 +131,12 @@ class CausalLMDistiller(nn.Module):
             check_vocabularies(student, teacher)
         elif options:
             raise ValueError(f"loss='vanilla' takes no loss_options; got {sorted(options)}")
-        self.student = student
-        self.teacher = teacher
+        super().__init__(student, teacher, alpha=alpha, warmup_epochs=warmup_epochs)
         self.loss = loss
         self.loss_options = options
-        self.alpha = float(alpha)
         self.ce_weight = float(ce_weight)
-        self.warmup_epochs = float(warmup_epochs)
         self.fused = fused
         self._fusable: dict[tuple[int, type], tuple[bool, str]] = {}
-        if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
-
-    def train(self, mode: bool = True) -> "CausalLMDistiller":
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # dropout of the teacher stays off
-        return self
-
-    def warmup(self, epoch: float | None) -> float:
-        return 1.0 if self.warmup_epochs <= 0 else min(float(epoch) / self.warmup_epochs, 1.0)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 epoch: float | None = None, progress: float | None = None):
@@ -195,9 +179,7 @@ class CausalLMDistiller(nn.Module):
         if input_ids.dim() != 2 or labels.shape != input_ids.shape or input_ids.shape[1] < 2:
             raise ValueError(f"input_ids and labels must both be (batch, length >= 2); got "
                              f"{tuple(input_ids.shape)} and {tuple(labels.shape)}")
-        if self.loss != "vanilla":
-            check_epoch(epoch, self.warmup_epochs)
-        weight = 0.0 if self.loss == "vanilla" else self.warmup(epoch) * self.alpha
+        weight = 0.0 if self.loss == "vanilla" else self.alpha * self.warmup(epoch)
         method = self.loss if weight else "vanilla"  # at warm-up's start the teacher is not run
         options = dict(self.loss_options)
         if get_method(method).needs_progress:

@@ -22,7 +22,7 @@ from .dkd import DKDLoss, dkd_loss
 from .fused_linear import fused_linear_distill_loss
 from .jsd import JSDLoss, jsd_loss
 from .kd import KDLoss, kd_loss
-from .methods import METHODS, Method, fused_methods, get_method, list_methods
+from .methods import METHODS, Method, call_loss, fused_methods, get_method, list_methods
 from .pcd import PCDLoss, pcd_loss, set_pcd_backend
 from .rkl import RKLLoss, rkl_loss
 from .tvd import TVDLoss, tvd_loss
@@ -49,6 +49,7 @@ def build_loss(method: str, **kwargs) -> nn.Module | None:
 
 
 __all__ = ["DISTLoss", "DKDLoss", "JSDLoss", "KDLoss", "METHODS", "Method", "PCDLoss", "RKLLoss", "TVDLoss",
-           "build_loss", "dist_loss", "dkd_loss", "fused_linear_distill_loss", "fused_methods", "get_method",
-           "jsd_loss", "kd_loss", "list_methods", "loss_arguments", "memory_budget", "memory_budget_mib", "pcd_loss",
-           "rkl_loss", "set_device_checks", "set_memory_budget", "set_pcd_backend", "standardize_logits", "tvd_loss"]
+           "build_loss", "call_loss", "dist_loss", "dkd_loss", "fused_linear_distill_loss", "fused_methods",
+           "get_method", "jsd_loss", "kd_loss", "list_methods", "loss_arguments", "memory_budget", "memory_budget_mib",
+           "pcd_loss", "rkl_loss", "set_device_checks", "set_memory_budget", "set_pcd_backend", "standardize_logits",
+           "tvd_loss"]

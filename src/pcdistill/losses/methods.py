@@ -2,8 +2,8 @@
 
 A :class:`Method` is a loss function, its module, the builder of its row function (how the fused
 output-layer loss and the chunked driver run it), and the checks its options need against the class
-count. What a method *needs* is declared on its module, where :class:`pcdistill.distiller.Distiller`
-reads it: ``needs_target`` (DKD: the ground-truth class), ``needs_progress`` (PCD's curriculum).
+count. What a method *needs* is declared on its module, ``needs_target`` (DKD: the ground-truth class) and
+``needs_progress`` (PCD's curriculum); :func:`call_loss` passes them to a loss as it declares.
 The config's choices, ``pcdistill list``, ``fused_linear_distill_loss``, the causal-LM distiller, the
 tasks' checks and the tests' parametrizations all read this table.
 
@@ -121,6 +121,22 @@ register(Method("jsd", "generalized JSD with teacher weight beta (GKD, Agarwal e
                 jsd_loss, JSDLoss, any_classes(jsd_row_spec)))
 register(Method("tvd", "total variation distance, T^2 0.5 sum |p_t - p_s| (DistillKit, Liger-Kernel)",
                 tvd_loss, TVDLoss, any_classes(tvd_row_spec)))
+
+
+def call_loss(loss: Callable, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+              target: torch.Tensor | None = None, *, progress: float | None = None, declared_by=None, **kwargs):
+    """``loss(student_logits, teacher_logits[, target][, progress=progress], **kwargs)``: the target and the
+    training progress go only to a loss that declares it needs them, ``needs_target`` (DKD) and
+    ``needs_progress`` (PCD) on ``declared_by`` (a :class:`Method`; default ``loss`` itself, a loss module)."""
+    owner = loss if declared_by is None else declared_by
+    args = ()
+    if getattr(owner, "needs_target", False):
+        if target is None:
+            raise ValueError(f"{getattr(owner, 'name', type(owner).__name__)} needs the target (ground-truth classes)")
+        args = (target,)
+    if getattr(owner, "needs_progress", False):
+        kwargs["progress"] = progress
+    return loss(student_logits, teacher_logits, *args, **kwargs)
 
 
 def list_methods() -> list[str]:
