@@ -82,11 +82,12 @@ def reference(x, method, kw, target=None, ce_weight=0.0, valid=None, class_mask=
     return total, torch.autograd.grad(total, student_params(x), allow_unused=True)
 
 
-def fused(x, method, kw, **options):
+def fused(x, method, kw, combine=lambda total, parts: total, **options):
+    """The fused loss and the gradients of ``combine(total, parts)`` (parts: with ``return_parts=True``)."""
     loss = fused_linear_distill_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
                                      x["teacher_weight"], method=method, student_bias=x["student_bias"],
                                      teacher_bias=x["teacher_bias"], **options, **kw)
-    value = loss[0] if isinstance(loss, tuple) else loss
+    value = combine(*loss) if isinstance(loss, tuple) else loss
     return loss, torch.autograd.grad(value, student_params(x))
 
 
@@ -148,16 +149,47 @@ def test_sum_is_mean_times_counted_rows():
         torch.testing.assert_close(parts_sum[key], parts_mean[key] * 7, rtol=1e-12, atol=0)
 
 
-def test_parts_are_the_two_terms_detached():
-    x, target = layers(seed=4)
-    (total, parts), _ = fused(x, "kd", {}, target=target, ce_weight=0.3, return_parts=True)
-    s = x["student_hidden"] @ x["student_weight"].T + x["student_bias"]
-    t = x["teacher_hidden"] @ x["teacher_weight"][:37].T + x["teacher_bias"][:37]
-    ce = F.cross_entropy(s.reshape(-1, 37), target.reshape(-1))
-    torch.testing.assert_close(parts["distill"], kd_loss(s, t).detach(), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(parts["ce"], ce.detach(), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(total, parts["distill"] + 0.3 * parts["ce"], rtol=1e-12, atol=0)
-    assert not parts["distill"].requires_grad and not parts["ce"].requires_grad
+PARTS = [("kd", {}), ("dkd", {}), ("pcd", {}), ("pcd", {"variant": "released"})]
+
+
+@pytest.mark.parametrize("v_s, v_t", [(37, 41), (45, 30)], ids=["teacher-vocab-larger", "student-vocab-larger"])
+@pytest.mark.parametrize("method, kw", PARTS, ids=["kd", "dkd", "pcd", "pcd-released"])
+def test_parts_each_carry_their_own_gradient(method, kw, v_s, v_t):
+    """Weighting the parts weights their gradients: against the distillation loss and the cross-entropy
+    materialized and differentiated separately (float64)."""
+    x, target = layers(leading=(7,), v_s=v_s, v_t=v_t, seed=4)
+    target[2] = IGNORE
+    distill, distill_grads = reference(x, method, kw, target)  # the distillation term alone
+    ce, ce_grads = reference(x, "vanilla", {}, target, ce_weight=1.0)  # the cross-entropy alone
+    for combination, (w_distill, w_ce) in [(lambda total, p: 2 * p["ce"] + 3 * p["distill"], (3, 2)),
+                                           (lambda total, p: sum(p.values()), (1, 1)),
+                                           (lambda total, p: total - 0.5 * p["distill"], (0.5, 0.3)),
+                                           (lambda total, p: p["ce"], (0, 1))]:
+        (total, parts), grads = fused(x, method, kw, target=target, ce_weight=0.3, chunk_rows=3, return_parts=True,
+                                      combine=combination)
+        torch.testing.assert_close(parts["distill"], distill.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(parts["ce"], ce.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(total, distill.detach() + 0.3 * ce.detach(), rtol=1e-10, atol=1e-12)
+        for g, d, c in zip(grads, distill_grads, ce_grads, strict=True):
+            torch.testing.assert_close(g, w_distill * d + w_ce * c, rtol=1e-10, atol=1e-10)
+
+
+def test_parts_without_a_second_term():
+    """CE only reported (ce_weight=0) has no gradient; the distillation term alone, or CE alone (vanilla),
+    carries that of the total."""
+    x, target = layers(seed=12)
+    (_, parts), grads = fused(x, "kd", {}, target=target, ce_weight=0.0, return_parts=True,
+                              combine=lambda total, p: 2 * p["distill"])
+    assert not parts["ce"].requires_grad
+    torch.testing.assert_close(parts["ce"], reference(x, "vanilla", {}, target, ce_weight=1.0)[0].detach(),
+                               rtol=1e-10, atol=1e-12)
+    for g, r in zip(grads, reference(x, "kd", {}, target)[1], strict=True):
+        torch.testing.assert_close(g, 2 * r, rtol=1e-10, atol=1e-10)
+    (_, parts), grads = fused(x, "vanilla", {}, target=target, ce_weight=0.5, return_parts=True,
+                              combine=lambda total, p: 3 * p["ce"])
+    assert not parts["distill"].requires_grad and float(parts["distill"]) == 0
+    for g, r in zip(grads, reference(x, "vanilla", {}, target, ce_weight=3.0)[1], strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -305,16 +337,18 @@ def test_bad_shapes_name_the_problem(change, error, message):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,options", [("pcd", {"stages": 2}), ("pcd", {"variant": "released", "stages": 2}),
-                                            ("dkd", {})], ids=["pcd", "pcd-released", "dkd"])
+                                            ("dkd", {"return_parts": True})], ids=["pcd", "pcd-released", "dkd-parts"])
 def test_compiles_into_one_graph(method, options):
-    """fullgraph=True: every gradient is formed in closed form, nothing breaks the graph (no autograd.grad)."""
+    """fullgraph=True: every gradient is formed in closed form, nothing breaks the graph (no autograd.grad);
+    with return_parts, the parts weighted apart."""
     x, target = layers(leading=(2, 3), seed=11)
     target = target.clone()
     target[0, 1] = -100  # an ignored row
 
     def loss_fn(h, w):
-        return fused_linear_distill_loss(h, w, x["teacher_hidden"], x["teacher_weight"], target=target,
+        loss = fused_linear_distill_loss(h, w, x["teacher_hidden"], x["teacher_weight"], target=target,
                                          method=method, ce_weight=0.5, chunk_rows=2, **options)
+        return 2 * loss[1]["ce"] + 3 * loss[1]["distill"] if isinstance(loss, tuple) else loss
 
     torch._dynamo.reset()
     h, w = x["student_hidden"], x["student_weight"]

@@ -103,6 +103,27 @@ def test_losses_and_gradients_equal_the_materialized_reference(method, options, 
         assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
 
 
+@pytest.mark.parametrize("method", ["kd", "pcd"])
+@pytest.mark.parametrize("fused", ["always", "never"])
+def test_weighting_the_entries_weights_their_gradients(method, fused):
+    """Each entry carries its own gradient (float64 models): a weighted sum of the entries has the gradient of
+    the same weighted sum of CE and the distillation term computed apart on the materialized logits."""
+    student, teacher = tiny_lm().double(), tiny_lm(vocab=V_T, hidden=48, seed=1).double()
+    options = {"stages": 2} if method == "pcd" else {}
+    distiller = CausalLMDistiller(student, teacher, loss=method, loss_options={"temperature": T, **options},
+                                  alpha=0.5, ce_weight=0.7, fused=fused)
+    ids, labels, mask = batch()
+    params = list(student.parameters())
+    for combine in (lambda parts: 2 * parts["ce"] + 3 * parts[method], lambda parts: sum(parts.values()),
+                    lambda parts: parts[method]):
+        _, losses = distiller(ids, labels, attention_mask=mask)
+        got = torch.autograd.grad(combine(losses), params, allow_unused=True)
+        ref = reference(student, teacher, ids, labels, mask, method, 0.7, 0.5, options)
+        want = torch.autograd.grad(combine(ref), params, allow_unused=True)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
 def test_fused_never_equals_always_and_num_items_sums():
     student, teacher = tiny_lm(), tiny_lm(vocab=V_T, hidden=48, seed=1)
     ids, labels, mask = batch(seed=3)

@@ -66,7 +66,8 @@ def shifted_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None = 
 
 def materialized_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor,
                               *, method: str, ce_weight: float, reduction: str = "mean", **options):
-    """``fused_linear_distill_loss`` on logits already computed: same value, ``(total, parts)`` with parts detached."""
+    """``fused_linear_distill_loss(..., return_parts=True)`` on logits already computed: same value, ``(total,
+    {"distill": ..., "ce": ...})``, each part carrying its own gradient (CE computed when ``ce_weight`` is not 0)."""
     rows = student_logits.reshape(-1, student_logits.shape[-1])
     y = target.reshape(-1)
     keep = y != IGNORE
@@ -78,12 +79,13 @@ def materialized_distill_loss(student_logits: torch.Tensor, teacher_logits: torc
         distill = call_loss(entry.loss, rows[:, :common], t[:, :common], y.masked_fill(~keep, 0), declared_by=entry,
                             valid=keep, reduction="sum", **options)
     if ce_weight:
-        ce = F.cross_entropy(rows.float(), y, ignore_index=IGNORE, reduction="sum")
-    total = distill + ce_weight * ce
+        # half-precision logits in float32, float64 kept
+        ce = F.cross_entropy(rows.to(torch.promote_types(rows.dtype, torch.float32)), y, ignore_index=IGNORE,
+                             reduction="sum")
     if reduction == "mean":
         count = keep.sum().clamp(min=1)
-        total, distill, ce = total / count, distill / count, ce / count
-    return total, {"distill": distill.detach(), "ce": ce.detach()}
+        distill, ce = distill / count, ce / count
+    return distill + ce_weight * ce, {"distill": distill, "ce": ce}
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -140,7 +142,8 @@ class CausalLMDistiller(DistillerBase):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 epoch: float | None = None, progress: float | None = None):
-        """``(None, {"ce": ..., <loss>: ...})``: the weighted losses; their sum is the training loss."""
+        """``(None, {"ce": ..., <loss>: ...})``: the weighted losses, each carrying its own gradient; their sum is
+        the training loss."""
         return None, self.losses(self.student, input_ids, labels, attention_mask=attention_mask, epoch=epoch,
                                  progress=progress)
 
@@ -180,15 +183,17 @@ class CausalLMDistiller(DistillerBase):
             raise ValueError(f"input_ids and labels must both be (batch, length >= 2); got "
                              f"{tuple(input_ids.shape)} and {tuple(labels.shape)}")
         weight = 0.0 if self.loss == "vanilla" else self.alpha * self.warmup(epoch)
-        method = self.loss if weight else "vanilla"  # at warm-up's start the teacher is not run
-        options = dict(self.loss_options)
-        if get_method(method).needs_progress:
-            options["progress"] = progress
-        # one call computes weight * (distill + ce_weight / weight * CE), so value and gradient stay exact
-        ce_weight = self.ce_weight / weight if weight else self.ce_weight
+        distilled = weight != 0  # at warm-up's start the teacher is not run
+        method = self.loss if distilled else "vanilla"
+        if not distilled and not self.ce_weight:  # neither CE nor (yet) a distillation term: nothing to compute
+            return {self.loss: torch.zeros((), device=input_ids.device)}
+        options = {}
+        if distilled:
+            options = dict(self.loss_options)
+            if get_method(method).needs_progress:
+                options["progress"] = progress
         target = shifted_targets(labels, attention_mask)
         reduction = "mean" if num_items is None else "sum"
-        distilled = method != "vanilla"
         if self.use_fused(student, distilled, input_ids.numel()):
             h_s = last_hidden_states(student, input_ids, attention_mask)[:, :-1]
             w_s, b_s = output_layer(student)
@@ -197,34 +202,28 @@ class CausalLMDistiller(DistillerBase):
                 with torch.no_grad():
                     h_t = last_hidden_states(self.teacher, input_ids, attention_mask)[:, :-1]
                 w_t, b_t = output_layer(self.teacher)
-            total, parts = fused_linear_distill_loss(
+            # with CE, the parts each keep their own gradient (the fused loss's return_parts)
+            out = fused_linear_distill_loss(
                 h_s, w_s, h_t, w_t, method=method, student_bias=b_s, teacher_bias=b_t, target=target,
-                ignore_index=IGNORE, ce_weight=ce_weight, reduction=reduction, return_parts=True, **options)
+                ignore_index=IGNORE, ce_weight=self.ce_weight, reduction=reduction, return_parts=bool(self.ce_weight),
+                **options)
+            parts = out[1] if self.ce_weight else {"distill": out}
         else:
             s = full_logits(student, input_ids, attention_mask)[:, :-1]
             t = None
             if distilled:
                 with torch.no_grad():
                     t = full_logits(self.teacher, input_ids, attention_mask)[:, :-1]
-            total, parts = materialized_distill_loss(s, t, target, method=method, ce_weight=ce_weight,
-                                                     reduction=reduction, **options)
+            _, parts = materialized_distill_loss(s, t, target, method=method, ce_weight=self.ce_weight,
+                                                 reduction=reduction, **options)
         if num_items is not None:
             # no counted token anywhere: 0, not 0 / 0
             count = num_items.clamp(min=1) if torch.is_tensor(num_items) else max(num_items, 1)
-            total, parts = total / count, {k: v / count for k, v in parts.items()}
+            parts = {k: v / count for k, v in parts.items()}
+        # each entry carries its own gradient: weighting them weights their gradients
         losses: dict[str, torch.Tensor] = {}
-        if not distilled:
-            if self.ce_weight:
-                losses["ce"] = total
-            if self.loss != "vanilla":
-                losses[self.loss] = total.new_zeros(())
-            return losses
-        total = weight * total
-        distill = weight * parts["distill"]
         if self.ce_weight:
-            # CE's value, logged; the distillation entry carries the whole gradient, so the sum is exact
-            losses["ce"] = total.detach() - distill
-            losses[self.loss] = total - losses["ce"]
-        else:
-            losses[self.loss] = total
+            losses["ce"] = self.ce_weight * parts["ce"]
+        if self.loss != "vanilla":
+            losses[self.loss] = weight * parts["distill"]
         return losses

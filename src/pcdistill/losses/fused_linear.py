@@ -3,7 +3,8 @@
 The ``(tokens, vocabulary)`` logits of student and teacher are never built for all tokens at once: rows
 are processed in chunks that fit the workspace budget, and each chunk's gradients w.r.t. the student's
 hidden states, weight and bias are computed inside the forward pass (the approach of Liger-Kernel's
-fused linear JSD / cross-entropy), so backward only scales them by the incoming gradient. The gradient
+fused linear JSD / cross-entropy), so backward only scales them by the incoming gradient (those of the
+distillation term and the cross-entropy kept apart when the two are returned as parts). The gradient
 w.r.t. a chunk's logits is closed-form: the distillation term's from the row functions every loss of
 this package runs on (:class:`RowSpec`), the cross-entropy's ``softmax - onehot``; so no autograd runs
 inside and ``torch.compile(fullgraph=True)`` traces the whole call.
@@ -41,6 +42,7 @@ class _Plan:
     ce_weight: float
     ignore_index: int
     with_ce: bool  # compute the cross-entropy (for the total, or only to report it)
+    grads: tuple[str, ...]  # the gradient sets kept until backward: ("total",), or the parts' ("distill", "ce")
     reduction: str
     step: int  # rows per chunk
     dtype: torch.dtype  # compute dtype of the losses
@@ -128,17 +130,21 @@ def _chunks(rows: int, step: int):
 class _FusedLinearDistill(torch.autograd.Function):
     """Value and, chunk by chunk inside forward, the gradients w.r.t. the student's hidden, weight and bias.
     Every gradient is in closed form (the losses' row functions, softmax minus one-hot for the
-    cross-entropy), so the whole call traces into one ``torch.compile`` graph."""
+    cross-entropy), so the whole call traces into one ``torch.compile`` graph.
+
+    ``plan.grads`` names the gradient sets kept until backward: ``("total",)``, that of ``distill + ce_weight
+    * CE``; or, for parts that each carry their own gradient, ``"distill"`` and/or ``"ce"`` (CE unweighted).
+    Backward scales each set by the incoming gradient of everything it feeds and adds them up."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, y, counted, class_mask, plan: _Plan):
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        want_grad = want_h or want_w or want_b
+        want = ctx.needs_input_grad[:3]
+        want_grad = any(want)
         rows, device = h_s.shape[0], h_s.device
         acc = torch.float32 if w_s.dtype in (torch.float16, torch.bfloat16) else w_s.dtype  # weight-grad accumulator
-        grad_h = torch.empty_like(h_s) if want_h else None
-        grad_w = torch.zeros(w_s.shape, dtype=acc, device=device) if want_w else None
-        grad_b = torch.zeros(w_s.shape[0], dtype=acc, device=device) if want_b else None
+        sets = {name: _zero_grads(h_s, w_s, want, acc) for name in plan.grads} if want_grad else {}
+        combined = plan.grads == ("total",)
+        ce_scale = plan.ce_weight if combined else float("ce" in plan.grads)  # CE's share of its gradient set
         distill = torch.zeros((), dtype=plan.dtype, device=device)
         ce = torch.zeros_like(distill)
         keep_all = counted if counted is not None else torch.ones(rows, dtype=torch.bool, device=device)
@@ -152,43 +158,75 @@ class _FusedLinearDistill(torch.autograd.Function):
         busy = want_grad or labelled is not None or plan.spec is not None
         for start, stop in _chunks(rows, plan.step) if busy else ():
             z = _linear(h_s[start:stop], w_s, b_s).to(plan.dtype)  # the loss computes in this dtype anyway
-            g = None
+            g_distill = g_ce = None
             if plan.method.loss is not None and (want_grad or released is None):
-                part, g = _distill_chunk(z, h_t[start:stop], w_t, b_t, y, counted, keep_all, class_mask, plan,
-                                         released, start, stop, want_grad)
+                part, g_distill = _distill_chunk(z, h_t[start:stop], w_t, b_t, y, counted, keep_all, class_mask,
+                                                 plan, released, start, stop, want_grad)
                 distill = distill + part
             if labelled is not None:
-                part, z = _cross_entropy_chunk(z, y[start:stop], labelled[start:stop],
-                                               want_grad and plan.ce_weight != 0, plan.ce_weight)
+                ce_grad = want_grad and ce_scale != 0
+                part, z = _cross_entropy_chunk(z, y[start:stop], labelled[start:stop], ce_grad, ce_scale)
                 ce = ce + part
-                if want_grad and plan.ce_weight != 0:
-                    g = z if g is None else _add_columns(z, g)
+                g_ce = z if ce_grad else None
             if not want_grad:
                 continue
-            if g is None:
-                g = torch.zeros_like(z)
-            elif g.shape[1] != w_s.shape[0]:  # the distillation term covers only the shared classes
-                g = _add_columns(torch.zeros_like(z), g)
-            if want_h:
-                grad_h[start:stop] = g.to(w_s.dtype) @ w_s
-            if want_w:
-                grad_w.addmm_(g.T.to(acc), h_s[start:stop].to(acc))
-            if want_b:
-                grad_b += g.sum(0).to(acc)
+            if combined:
+                g = g_distill if g_ce is None else g_ce if g_distill is None else _add_columns(g_ce, g_distill)
+                chunk_grads = {"total": g}
+            else:
+                chunk_grads = {"distill": g_distill, "ce": g_ce}
+            for name, grads in sets.items():
+                _accumulate(grads, chunk_grads[name], h_s[start:stop], w_s, start, stop)
         scale = _mean_scale(counted, rows, plan, device)
         distill, ce = distill * scale, ce * scale
         total = distill + plan.ce_weight * ce
-        grads = [None if g is None else g.mul_(scale.to(g.dtype)).to(dtype)  # in place: no second weight-sized copy
-                 for g, dtype in ((grad_h, h_s.dtype), (grad_w, w_s.dtype), (grad_b, w_s.dtype))]
-        ctx.save_for_backward(*grads)
-        ctx.mark_non_differentiable(distill, ce)
+        saved = []
+        for name in plan.grads:  # in place and one at a time: no second weight-sized copy
+            saved += [None if g is None else g.mul_(scale.to(g.dtype)).to(dtype)
+                      for g, dtype in zip(sets.pop(name, (None,) * 3), (h_s.dtype, w_s.dtype, w_s.dtype))]
+        ctx.save_for_backward(*saved)
+        ctx.grads, ctx.ce_weight = plan.grads, plan.ce_weight
+        ctx.mark_non_differentiable(*[x for name, x in (("distill", distill), ("ce", ce)) if name not in plan.grads])
         return total, distill, ce
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_distill, _grad_ce):
-        # in place, as a weight-sized copy would double the peak; a second backward then fails autograd's version check
-        grads = tuple(None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.saved_tensors)
-        return grads + (None,) * 7
+    def backward(ctx, grad_total, grad_distill, grad_ce):
+        saved, out = ctx.saved_tensors, [None] * 3
+        for i, name in enumerate(ctx.grads):
+            # the incoming gradient of everything the set feeds: total = distill + ce_weight * ce
+            c = (grad_total if name == "total" else grad_total + grad_distill if name == "distill"
+                 else ctx.ce_weight * grad_total + grad_ce)
+            for j, g in enumerate(saved[3 * i:3 * i + 3]):
+                if g is not None:
+                    # in place, as a weight-sized copy would raise the peak; a second backward then fails
+                    # autograd's version check
+                    g = g.mul_(c.to(g.dtype))
+                    out[j] = g if out[j] is None else out[j].add_(g)
+        return tuple(out) + (None,) * 7
+
+
+def _zero_grads(h_s, w_s, want, acc) -> list[torch.Tensor | None]:
+    """Zeroed gradients w.r.t. the student's hidden states, weight and bias (those ``want`` asks for); the weight's
+    and bias's in the accumulator dtype ``acc``."""
+    want_h, want_w, want_b = want
+    return [torch.zeros_like(h_s) if want_h else None,
+            torch.zeros(w_s.shape, dtype=acc, device=w_s.device) if want_w else None,
+            torch.zeros(w_s.shape[0], dtype=acc, device=w_s.device) if want_b else None]
+
+
+def _accumulate(grads, g, h, w_s, start: int, stop: int) -> None:
+    """Add a chunk's gradient ``g`` w.r.t. its logits (the first ``g.shape[1]`` classes) to ``grads``, those
+    w.r.t. the student's hidden states (rows ``start:stop``), weight and bias."""
+    if g is None:
+        return
+    grad_h, grad_w, grad_b = grads
+    classes = g.shape[1]
+    if grad_h is not None:
+        grad_h[start:stop] = g.to(w_s.dtype) @ w_s[:classes]
+    if grad_w is not None:
+        grad_w[:classes].addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype))
+    if grad_b is not None:
+        grad_b[:classes] += g.sum(0).to(grad_b.dtype)
 
 
 def _add_columns(into: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -297,11 +335,23 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     form, and the gradients w.r.t. ``student_hidden``,
     ``student_weight`` and ``student_bias`` are accumulated in the forward pass (in float32 for a half
     precision weight); backward only scales them. The teacher gets no gradient. Memory: the gradients
-    themselves plus the budget, whatever the number of tokens and classes.
+    themselves plus the budget, whatever the number of tokens and classes (twice the gradients for parts
+    that carry their own, below).
 
-    Returns the scalar loss, or ``(loss, {"distill": ..., "ce": ...})`` (parts detached) with
-    ``return_parts=True``. A target outside ``[0, V_s)`` on a counted row is a ``ValueError`` (checked
-    on the CPU, on CUDA only under :func:`pcdistill.losses.set_device_checks`).
+    Returns the scalar loss, or ``(loss, {"distill": ..., "ce": ...})`` with ``return_parts=True``: the
+    two terms (CE unweighted), each carrying its own gradient, so ``2 * parts["ce"] + 3 * parts["distill"]``
+    has the gradient of that weighted sum and ``parts["distill"] + ce_weight * parts["ce"]`` that of
+    ``loss`` (with ``ce_weight=0`` CE is only reported, without gradient). The cost, when both terms are
+    there: their gradients are accumulated apart in the forward and combined in backward with the
+    incoming gradients (no host-device sync, traceable by ``torch.compile``), so a call holds a second
+    set of student gradients, one more weight-sized buffer (``V_s x H`` in float32 during the forward for
+    a half-precision weight, in the weight's dtype until backward), and runs two more ``(rows, V, H)``
+    matrix products per chunk, six instead of four (``bench/lm_loss.py``'s "fused + CE, parts apart" against
+    "fused + CE" at 1024x512x32000 on the CPU: +70 MiB, the weight being 62.5 MiB; about 1.3x the time).
+    Without ``return_parts`` one set of gradients is kept, that of ``loss``.
+
+    A target outside ``[0, V_s)`` on a counted row is a ``ValueError`` (checked on the CPU, on CUDA only
+    under :func:`pcdistill.losses.set_device_checks`).
     """
     fusable = fused_methods()
     if isinstance(method, str) and method in METHODS and method not in fusable:
@@ -371,8 +421,12 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     row_bytes = max(vocab, common) * torch.finfo(dtype).bits // 8 * arrays
     step = chunk_rows or min(h_s.shape[0], int(budget * LOGITS_SHARE) // row_bytes)
     spec = None if released or entry.loss is None else entry.row_spec(common, device, **options)
+    grads = ("total",)
+    if return_parts:  # each part its own gradient; CE has none when it is only reported (ce_weight=0)
+        grads = tuple(name for name, term in (("distill", entry.loss is not None),
+                                              ("ce", y is not None and ce_weight != 0)) if term)
     plan = _Plan(entry, released, options, common, ce_weight, ignore_index,
-                 y is not None and (ce_weight != 0 or return_parts), reduction, max(1, step), dtype, spec)
+                 y is not None and (ce_weight != 0 or return_parts), grads, reduction, max(1, step), dtype, spec)
     with memory_budget(memory_budget_mib() * (1 - LOGITS_SHARE)):  # the loss's workspace inside each chunk
         total, distill, ce = _FusedLinearDistill.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, y, counted,
                                                        classes, plan)
