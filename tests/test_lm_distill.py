@@ -149,7 +149,8 @@ def test_warmup_scales_the_distillation_term_and_skips_the_teacher_at_zero():
     calls = []
     teacher.register_forward_hook(lambda *_: calls.append(1))
     ids, labels, mask = batch()
-    distiller = CausalLMDistiller(student, teacher, loss="kd", warmup_epochs=2.0)
+    distiller = CausalLMDistiller(student, teacher, loss="kd", loss_options={"temperature": T}, warmup_epochs=2.0,
+                                  fused="always")
     full = distiller(ids, labels, attention_mask=mask, epoch=5.0)[1]
     half = distiller(ids, labels, attention_mask=mask, epoch=1.0)[1]
     torch.testing.assert_close(half["kd"], full["kd"] / 2)
@@ -158,6 +159,8 @@ def test_warmup_scales_the_distillation_term_and_skips_the_teacher_at_zero():
     zero = distiller(ids, labels, attention_mask=mask, epoch=0.0)[1]
     assert calls == [] and float(zero["kd"]) == 0.0
     torch.testing.assert_close(zero["ce"], full["ce"])
+    no_ce = CausalLMDistiller(student, teacher, loss="kd", ce_weight=0.0, warmup_epochs=2.0, fused="always")
+    assert {k: float(v) for k, v in no_ce(ids, labels, attention_mask=mask, epoch=0.0)[1].items()} == {"kd": 0.0}
     with pytest.raises(ValueError, match="pass epoch="):
         distiller(ids, labels)
 
