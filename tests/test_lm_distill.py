@@ -124,6 +124,25 @@ def test_weighting_the_entries_weights_their_gradients(method, fused):
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
+def test_summed_entries_keep_one_gradient_set_with_the_same_values_and_sum_gradient():
+    """``part_gradients=False`` (what the trainers use): the same entry values, CE detached, and the sum of the
+    entries has the gradient of the float64 reference's sum."""
+    student, teacher = tiny_lm().double(), tiny_lm(vocab=V_T, hidden=48, seed=1).double()
+    distiller = CausalLMDistiller(student, teacher, loss="pcd", loss_options={"temperature": T, "stages": 2},
+                                  alpha=0.5, ce_weight=0.7, fused="always", part_gradients=False)
+    ids, labels, mask = batch()
+    params = list(student.parameters())
+    _, losses = distiller(ids, labels, attention_mask=mask)
+    ref = reference(student, teacher, ids, labels, mask, "pcd", 0.7, 0.5, {"stages": 2})
+    assert not losses["ce"].requires_grad
+    for name in ref:
+        torch.testing.assert_close(losses[name], ref[name].detach(), rtol=1e-9, atol=1e-12)
+    got = torch.autograd.grad(sum(losses.values()), params)
+    want = torch.autograd.grad(sum(ref.values()), params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
 def test_fused_never_equals_always_and_num_items_sums():
     student, teacher = tiny_lm(), tiny_lm(vocab=V_T, hidden=48, seed=1)
     ids, labels, mask = batch(seed=3)

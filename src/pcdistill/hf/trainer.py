@@ -35,7 +35,8 @@ class DistillationTrainer(Trainer):
         super().__init__(*args, **kwargs)
         teacher_model.to(self.args.device)  # dtype and autocast (bf16) are TrainingArguments' business
         self.distiller = CausalLMDistiller(self.model, teacher_model, loss=loss, loss_options=loss_options,
-                                           alpha=alpha, ce_weight=ce_weight, fused=fused)
+                                           alpha=alpha, ce_weight=ce_weight, fused=fused,
+                                           part_gradients=False)  # compute_loss only sums the entries
         self._parts: dict[str, torch.Tensor] = {}
         self._parts_from_step: int | None = None
 

@@ -107,11 +107,16 @@ class CausalLMDistiller(DistillerBase):
     ``fused``: "auto" uses the fused loss when both models allow it (:func:`pcdistill.lm.models.fusable`)
     and otherwise materializes the logits, warning once per process; "always" refuses to fall back,
     "never" always materializes. The teacher is frozen (:class:`pcdistill.distiller.DistillerBase`).
+    ``part_gradients``: each returned entry carries its own gradient (True, default), so weighting the
+    entries weights their gradients; on the fused path that keeps two sets of student gradients and runs
+    two more ``(tokens, V, H)`` products per chunk. ``False``, for callers that only sum the entries (the
+    trainers of this package): one set, the distillation entry carrying the whole gradient and ``ce``
+    a detached value, so only their sum has the right gradient.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, loss: str = "pcd",
                  loss_options: dict | None = None, alpha: float = 1.0, ce_weight: float = 1.0,
-                 warmup_epochs: float = 0.0, fused: str = "auto"):
+                 warmup_epochs: float = 0.0, fused: str = "auto", part_gradients: bool = True):
         methods = fused_methods()
         if loss in METHODS and loss not in methods:
             raise ValueError(f"loss {loss!r} cannot distill a causal LM, which runs the loss fused with the output "
@@ -138,6 +143,7 @@ class CausalLMDistiller(DistillerBase):
         self.loss_options = options
         self.ce_weight = float(ce_weight)
         self.fused = fused
+        self.part_gradients = bool(part_gradients)
         self._fusable: dict[tuple[int, type], tuple[bool, str]] = {}
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
@@ -202,12 +208,19 @@ class CausalLMDistiller(DistillerBase):
                 with torch.no_grad():
                     h_t = last_hidden_states(self.teacher, input_ids, attention_mask)[:, :-1]
                 w_t, b_t = output_layer(self.teacher)
-            # with CE, the parts each keep their own gradient (the fused loss's return_parts)
+            summed_only = distilled and self.ce_weight and not self.part_gradients
+            # with CE, the parts each keep their own gradient (the fused loss's return_parts), unless only their
+            # sum is wanted: then one call computes weight * (distill + ce_weight / weight * CE), one gradient set
             out = fused_linear_distill_loss(
                 h_s, w_s, h_t, w_t, method=method, student_bias=b_s, teacher_bias=b_t, target=target,
-                ignore_index=IGNORE, ce_weight=self.ce_weight, reduction=reduction, return_parts=bool(self.ce_weight),
-                **options)
-            parts = out[1] if self.ce_weight else {"distill": out}
+                ignore_index=IGNORE, ce_weight=self.ce_weight / weight if summed_only else self.ce_weight,
+                reduction=reduction, return_parts=bool(self.ce_weight), part_gradients=not summed_only, **options)
+            if summed_only:
+                total, values = out
+                # CE's value (detached, logged); the distillation entry carries the whole gradient
+                parts = {"ce": values["ce"], "distill": total - self.ce_weight / weight * values["ce"]}
+            else:
+                parts = out[1] if self.ce_weight else {"distill": out}
         else:
             s = full_logits(student, input_ids, attention_mask)[:, :-1]
             t = None

@@ -265,7 +265,7 @@ def _cross_entropy_chunk(z, y, labelled, want_grad: bool, weight: float):
     if want_grad:
         z = z.sub_(lse).exp_()
         z.scatter_add_(-1, y, torch.full_like(y, -1, dtype=z.dtype))
-        z.mul_(torch.where(labelled, weight, 0.0).to(z.dtype).unsqueeze(-1))
+        z.mul_((labelled.to(z.dtype) * weight).unsqueeze(-1))  # weight in z's dtype (a float32 where would round it)
     return part, z
 
 
@@ -302,7 +302,8 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
                               teacher_bias: torch.Tensor | None = None, target: torch.Tensor | None = None,
                               ignore_index: int = -100, ce_weight: float = 0.0, class_mask: torch.Tensor | None = None,
                               valid: torch.Tensor | None = None, chunk_rows: int | None = None,
-                              reduction: str = "mean", return_parts: bool = False, **loss_kwargs):
+                              reduction: str = "mean", return_parts: bool = False, part_gradients: bool = True,
+                              **loss_kwargs):
     """Distillation loss (plus optional cross-entropy) of two output layers, without materializing the logits.
 
     With ``s = h_s W_s^T + b_s`` (``(N, V_s)``), ``t = h_t W_t^T + b_t`` (``(N, V_t)``) and
@@ -348,7 +349,8 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     a half-precision weight, in the weight's dtype until backward), and runs two more ``(rows, V, H)``
     matrix products per chunk, six instead of four (``bench/lm_loss.py``'s "fused + CE, parts apart" against
     "fused + CE" at 1024x512x32000 on the CPU: +70 MiB, the weight being 62.5 MiB; about 1.3x the time).
-    Without ``return_parts`` one set of gradients is kept, that of ``loss``.
+    Without ``return_parts``, or with ``part_gradients=False`` (parts only to report: detached values, for a
+    caller that only sums them, such as a trainer), one set of gradients is kept, that of ``loss``.
 
     A target outside ``[0, V_s)`` on a counted row is a ``ValueError`` (checked on the CPU, on CUDA only
     under :func:`pcdistill.losses.set_device_checks`).
@@ -369,6 +371,7 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     if ce_weight < 0:
         raise ValueError(f"ce_weight must be >= 0; got {ce_weight}")
     check_bool("return_parts", return_parts)
+    check_bool("part_gradients", part_gradients)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
         raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__} {ignore_index!r}")
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, Integral)
@@ -422,7 +425,7 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     step = chunk_rows or min(h_s.shape[0], int(budget * LOGITS_SHARE) // row_bytes)
     spec = None if released or entry.loss is None else entry.row_spec(common, device, **options)
     grads = ("total",)
-    if return_parts:  # each part its own gradient; CE has none when it is only reported (ce_weight=0)
+    if return_parts and part_gradients:  # each part its own gradient; CE has none when it is only reported (ce_weight=0)
         grads = tuple(name for name, term in (("distill", entry.loss is not None),
                                               ("ce", y is not None and ce_weight != 0)) if term)
     plan = _Plan(entry, released, options, common, ce_weight, ignore_index,

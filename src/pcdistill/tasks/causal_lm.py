@@ -274,7 +274,8 @@ def build(cfg: Config, ctx) -> Task:
     try:
         module = CausalLMDistiller(student, teacher, loss=cfg.distill.method, loss_options=cfg.distill.loss,
                                    alpha=cfg.distill.alpha, ce_weight=cfg.distill.ce_weight,
-                                   warmup_epochs=cfg.distill.warmup_epochs)
+                                   warmup_epochs=cfg.distill.warmup_epochs,
+                                   part_gradients=False)  # the trainer only sums the entries
     except ValueError as err:
         raise ConfigError(f"distill: {err}") from None
 
