@@ -174,9 +174,10 @@ def prepare_rows(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor | None, c
 
 
 def log_softmax_rows(z: torch.Tensor) -> torch.Tensor:
-    """``log_softmax`` over the last dim; a row of only ``-inf`` gives ``-inf`` (probability 0), not NaN."""
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    return z - torch.where(torch.isneginf(lse), 0.0, lse)
+    """``log_softmax`` over the last dim; a row of only ``-inf`` gives ``-inf`` (probability 0), not NaN.
+
+    A fresh tensor (written in place here), for the closed-form row functions: not for autograd."""
+    return torch.log_softmax(z, -1).masked_fill_(torch.isneginf(z.amax(-1, keepdim=True)), float("-inf"))
 
 
 def xlogy_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

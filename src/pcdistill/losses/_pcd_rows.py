@@ -102,7 +102,7 @@ def sum_count(adaptive: bool, weight: str) -> int:
 def combine_atoms(m_s: torch.Tensor, m_t: torch.Tensor, sums: torch.Tensor, atoms: Atoms, stage_groups: list[int],
                   temperature: float, adaptive: bool, weight: str, want_grad: bool):
     """Every stage's ``sum_G w_G KL_G`` from per-atom maxima ``(rows, atoms)`` and shifted sums
-    ``(rows, sum_count, atoms)`` (e_s, u, u^2, e_t, e_t (b - a), e_t u, e_t^2, then e_s^2, e_s e_t for
+    ``(sum_count, rows, atoms)`` (e_s, u, u^2, e_t, e_t (b - a), e_t u, e_t^2, then e_s^2, e_s e_t for
     ``prob_cos``; ``e = exp(z/T - atom max)``, ``u = s/T - atom max``), in float64, all stages at once.
 
     ``atoms`` may describe any atoms that refine every stage's groups. Returns the loss ``(rows,)`` (float64,
@@ -118,10 +118,10 @@ def combine_atoms(m_s: torch.Tensor, m_t: torch.Tensor, sums: torch.Tensor, atom
         return flat.new_zeros(x.shape[0], rows, groups).scatter_add_(2, index.expand(x.shape[0], -1, -1), flat)
 
     def per_atom(x):  # (k, rows, groups): each atom's group value in each stage, (k, rows, stages, atoms)
-        return x.gather(2, index.expand(x.shape[0], -1, -1)).view(-1, rows, stages, n_atoms)
+        return x.gather(2, index.expand(x.shape[0], -1, -1)).view(x.shape[0], rows, stages, n_atoms)
 
     # per-atom values as (.., rows, 1, atoms), against (.., rows, stages, atoms) where they depend on the group
-    sums = sums.to(f64).transpose(0, 1).unsqueeze(2)
+    sums = sums.to(f64).unsqueeze(2)
     m = torch.stack([m_s, m_t]).to(f64).unsqueeze(2)
     z = sums[0:4:3]  # the sums of e_s and e_t
     live = z > 0
@@ -236,7 +236,7 @@ def pcd_rows(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: 
         torch.mul(e_s, e_s, out=parts[7])
         torch.mul(e_s, e_t, out=parts[8])
     sums = parts.new_zeros(len(parts), rows, atoms + 1).scatter_add_(2, atom.expand_as(parts), parts)
-    loss, coef = combine_atoms(m_s[:, :atoms], m_t[:, :atoms], sums.transpose(0, 1)[..., :atoms], layout,
+    loss, coef = combine_atoms(m_s[:, :atoms], m_t[:, :atoms], sums[..., :atoms], layout,
                                stage_groups, temperature, adaptive, weight, want_grad)
     loss = finish_loss(loss, nan_row, inf_row, factor, s.dtype)
 

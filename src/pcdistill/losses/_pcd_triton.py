@@ -289,7 +289,12 @@ def _boundary_table(groups: tuple[int, ...], device: torch.device) -> torch.Tens
 def pcd_rows_triton(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: float, temperature: float,
                     adaptive: bool, rank_by: str, want_grad: bool, weight: str = "log_prob_cos", *,
                     block: int | None = None):
-    """``pcd_rows`` with the per-row passes in Triton (``block``: classes per step, a power of two)."""
+    """``pcd_rows`` with the per-row passes in Triton (``block``: classes per step, a power of two).
+
+    The kernel sums what the default weight needs; ``weight="prob_cos"`` is refused (``pcd.py`` runs the torch rows).
+    """
+    if adaptive and weight != "log_prob_cos":
+        raise ValueError(f"the Triton PCD kernel computes weight='log_prob_cos' only; got weight={weight!r}")
     rows, num_classes = s.shape
     s, t = s.contiguous(), t.contiguous()
     dev, dtype = s.device, s.dtype
@@ -318,8 +323,8 @@ def pcd_rows_triton(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], f
 
     n = n.long()
     layout = atom_layout(atom_cuts(n, groups), n, stage_groups)
-    loss, coef = combine_atoms(maxima[:, 0, :atoms], maxima[:, 1, :atoms], sums[:, :, :atoms], layout, stage_groups,
-                               temperature, adaptive, weight, want_grad)
+    loss, coef = combine_atoms(maxima[:, 0, :atoms], maxima[:, 1, :atoms], sums[:, :, :atoms].transpose(0, 1), layout,
+                               stage_groups, temperature, adaptive, weight, want_grad)
     loss = finish_loss(loss, (flags & 1) != 0, (flags & 2) != 0, factor, dtype)
     if not want_grad:
         return loss, None

@@ -100,21 +100,36 @@ class RowSpec:
     standardize: bool = False
 
 
+def _chunk(spec: RowSpec, student, teacher, valid, class_mask, dtype, extra, want_grad):
+    """Row losses and gradients of one chunk of rows (``valid``: the chunk's rows, or None)."""
+    s, t = prepare_rows(student, teacher, valid, class_mask, dtype)
+    z_s, z_t = (masked_standardize(s), masked_standardize(t)) if spec.standardize else (s, t)
+    loss, g = spec.fn(z_s, z_t, extra, want_grad)
+    if want_grad:
+        if spec.standardize:
+            g = standardize_backward(s, g)
+        if valid is not None:
+            g = torch.where(valid[:, None], g, 0.0)
+    return loss, g
+
+
 def rows_and_grads(student, teacher, spec: RowSpec, dtype: torch.dtype, valid=None, class_mask=None, extra=(),
                    want_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(N,)`` row losses of ``spec`` on ``(N, C)`` logits and, with ``want_grad``, each row loss's gradient
     w.r.t. its student row (``(N, C)``, in the student's dtype; zero on invalid rows), chunk by chunk."""
-    out = torch.empty(student.shape[0], dtype=dtype, device=student.device)
+    rows, num_classes = student.shape
+    step = chunk_rows(rows, num_classes, dtype, spec.work_arrays)
+    if 0 < rows <= step:  # one chunk: its results are the outputs
+        loss, g = _chunk(spec, student, teacher, valid, class_mask, dtype, extra, want_grad)
+        return loss.to(dtype), g.to(student.dtype) if want_grad else None
+    out = torch.empty(rows, dtype=dtype, device=student.device)
     grad = torch.empty_like(student) if want_grad else None
-    for start, stop, s, t in prepared_chunks(student, teacher, valid, class_mask, dtype, spec.work_arrays):
-        z_s, z_t = (masked_standardize(s), masked_standardize(t)) if spec.standardize else (s, t)
-        loss, g = spec.fn(z_s, z_t, tuple(x[start:stop] for x in extra), want_grad)
-        out[start:stop] = loss
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        keep = None if valid is None else valid[start:stop]
+        out[start:stop], g = _chunk(spec, student[start:stop], teacher[start:stop], keep, class_mask, dtype,
+                                    tuple(x[start:stop] for x in extra), want_grad)
         if want_grad:
-            if spec.standardize:
-                g = standardize_backward(s, g)
-            if valid is not None:
-                g = torch.where(valid[start:stop, None], g, 0.0)
             grad[start:stop] = g
     return out, grad
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_class_mask, check_logits,
-                      check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows, reduce_rows,
-                      xlogy_diff)
+                      check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows, reduce_rows)
 from ._rows import RowSpec, row_losses
 
 
@@ -14,8 +13,9 @@ def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: boo
     log_p_s = log_softmax_rows(s / temperature)
     log_p_t = log_softmax_rows(t / temperature)
     p_t = log_p_t.exp()
-    loss = xlogy_diff(p_t, log_p_t, log_p_s).sum(-1) * temperature**2
-    grad = (log_p_s.exp() - p_t) * temperature if want_grad else None
+    kl = log_p_t.sub_(log_p_s).mul_(p_t).masked_fill_(p_t == 0, 0.0)  # 0 log 0 = 0, as F.kl_div; NaN stays NaN
+    loss = kl.sum(-1) * temperature**2
+    grad = log_p_s.exp_().sub_(p_t).mul_(temperature) if want_grad else None
     return loss, grad
 
 
