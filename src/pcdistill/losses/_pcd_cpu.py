@@ -11,10 +11,9 @@ The same atoms, sums and closed-form gradient as ``_pcd_rows`` (read its docstri
    float64 keys have no room for the index: a stable sort gives them the same grouping.
 2. *Tiles.* The classes are gathered into tiles of ``width`` columns, each tile inside one atom (an atom
    gets as many tiles as its longest row needs; the rest is padding, ``-inf`` in both logits, i.e. absent).
-   Tiles refine the atoms, so they serve as the atoms of ``combine_atoms``: every per-tile maximum or sum is
-   a reduction over the last axis of a ``(rows, tiles, width)`` array and every per-tile value broadcasts
-   along it, with no per-class scatter or gather. The products the sums need (``u^2``, ``e_t u``, ...) come
-   from one batched matrix product, and so does the gradient; one scatter puts it back in class order.
+   Every per-atom maximum or sum is then a reduction over the last axis of a ``(rows, tiles, width)`` array
+   followed by one over the few tiles of each atom, and every per-atom value broadcasts along the tiles: no
+   per-class scatter or gather, except the one that puts the gradient back in class order.
 
 The layout depends only on the rows' live-class counts, so for rows without masks it is computed once per
 shape and kept (:func:`_shared_plan`). The whole computation is the custom op ``pcdistill::pcd_rows``:
@@ -26,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import numpy as np
 import torch
@@ -33,24 +33,21 @@ import torch
 from ._pcd_rows import Atoms, atom_cuts, atom_layout, combine_atoms, finish_loss, priority_key, sortable
 
 WORK_ARRAYS = 16  # (rows, C)-sized arrays alive at once, in units of the compute dtype (int64 counts twice)
-# combine_atoms's sums (e_s, u, u^2, e_t, e_t (b - a), e_t u, e_t^2 [, e_s^2, e_s e_t]) as columns of the tile
-# sums of (e_s, u, e_t, b - a) followed by the Gram matrix rows (e_s,) u, e_t (by prob_cos)
-SUM_COLUMNS = {False: [0, 1, 5, 2, 11, 9, 10], True: [0, 1, 9, 2, 15, 13, 14, 4, 6]}
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Where each row's atoms end (``cuts``), and the tiles: the rank position each tile column reads,
-    the padding, and the tiles as :class:`Atoms` (one shared row when all rows have the same counts)."""
+    """The atoms of each row and their tiles: the rank position each tile column reads, the padding and each
+    tile's atom (one shared row when all rows have the same live-class count)."""
 
-    cuts: torch.Tensor
+    atoms: Atoms
     position: torch.Tensor  # (rows or 1, tiles * width)
     pad: torch.Tensor  # (rows or 1, tiles, width)
-    tiles: Atoms
+    tile_atom: torch.Tensor  # (tiles,)
 
 
 def _plan(n: torch.Tensor, num_classes: int, stage_groups: tuple[int, ...]) -> Plan:
-    cuts = atom_cuts(n, list(stage_groups))
+    cuts = atom_cuts(n, list(stage_groups), num_classes)
     atoms = cuts.shape[1]
     starts = torch.cat([torch.zeros_like(cuts[:, :1]), cuts[:, :-1]], 1)
     width = max(8, -(-num_classes // (8 * atoms)))  # padding at most C/8 + 8 per atom
@@ -62,7 +59,8 @@ def _plan(n: torch.Tensor, num_classes: int, stage_groups: tuple[int, ...]) -> P
     last = torch.minimum(first + width, end)
     position = first.unsqueeze(-1) + torch.arange(width)
     pad = position >= last.unsqueeze(-1)
-    return Plan(cuts, position.clamp_max(num_classes - 1).flatten(1), pad, atom_layout(last, n, list(stage_groups)))
+    position = position.clamp_max(num_classes - 1).flatten(1).int()  # gather and scatter take int32 indices
+    return Plan(atom_layout(cuts, n, list(stage_groups)), position, pad, atom)
 
 
 @functools.lru_cache(maxsize=32)
@@ -81,7 +79,7 @@ def _partition(keys: np.ndarray, cuts: np.ndarray) -> None:
 
 
 def class_order(key: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
-    """``(rows, C)`` int64: the classes of each row with atom ``k`` at rank positions ``[cuts[k-1], cuts[k])``
+    """``(rows, C)`` integers: the classes of each row with atom ``k`` at rank positions ``[cuts[k-1], cuts[k])``
     (ranked by the integer ``key`` descending, ties to the lower class index; any order inside an atom).
     ``cuts`` has one row when all rows share it."""
     num_classes = key.shape[1]
@@ -99,7 +97,7 @@ def class_order(key: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
             part = keys[same]
             _partition(part, c)
             keys[same] = part
-    return packed.bitwise_and_(2**32 - 1)
+    return packed.view(torch.int32)[:, 0::2] if sys.byteorder == "little" else (packed & 2**32 - 1).int()
 
 
 @functools.lru_cache(maxsize=8)
@@ -138,39 +136,42 @@ def pcd_rows_cpu(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], fact
     shared = nan_row is None or bool((n == n[0]).all())
     plan = (_shared_plan(int(n[0]), num_classes, tuple(stage_groups)) if shared
             else _plan(n, num_classes, tuple(stage_groups)))
-    index = class_order(key, plan.cuts).gather(1, plan.position.expand(rows, -1))
+    index = class_order(key, plan.atoms.cuts).gather(1, plan.position.expand(rows, -1))
     del key
     a = _to_tiles(s, index, plan.pad, temperature)  # s/T in tiles, -inf in the padding
     b = _to_tiles(t, index, plan.pad, temperature)
-    m_s = a.amax(-1).nan_to_num_(neginf=0.0)  # 0 for a tile of padding
-    m_t = b.amax(-1).nan_to_num_(neginf=0.0)
+    atoms = plan.atoms.cuts.shape[1]
+    tile_atom = plan.tile_atom.expand(rows, -1)
+    m_s = a.new_full((rows, atoms), float("-inf")).scatter_reduce_(1, tile_atom, a.amax(-1), "amax")
+    m_t = a.new_full((rows, atoms), float("-inf")).scatter_reduce_(1, tile_atom, b.amax(-1), "amax")
+    m_s.nan_to_num_(neginf=0.0)  # 0 for an empty atom (and in rows flagged NaN, whose results are replaced)
+    m_t.nan_to_num_(neginf=0.0)
 
     # per tile: e_s = exp(a - m_s), u = a - m_s, e_t = exp(b - m_t), b - a; all 0 in the padding (u, b - a:
     # also where the teacher is -inf, and in rows flagged NaN or +inf, whose results are replaced)
-    parts = torch.empty(rows, plan.pad.shape[1], 4, plan.pad.shape[2], dtype=s.dtype)
-    e_s, u, e_t, diff = parts.unbind(2)
-    torch.sub(a, m_s.unsqueeze(-1), out=u)
-    torch.exp(u, out=e_s)
+    u = a - m_s[:, plan.tile_atom, None]
+    e_s = torch.exp(u)
     u.nan_to_num_(0.0, 0.0, 0.0)
-    torch.sub(b, a, out=diff).nan_to_num_(0.0, 0.0, 0.0)
-    torch.sub(b, m_t.unsqueeze(-1), out=e_t).exp_()
-    del b
+    diff = torch.sub(b, a, out=a).nan_to_num_(0.0, 0.0, 0.0)
+    e_t = b.sub_(m_t[:, plan.tile_atom, None]).exp_()
+    e_t_diff = diff.mul_(e_t).sum(-1)
+    work = diff  # free from here on
+    sums = [e_s.sum(-1), u.sum(-1), torch.mul(u, u, out=work).sum(-1), e_t.sum(-1), e_t_diff,
+            torch.mul(e_t, u, out=work).sum(-1), torch.mul(e_t, e_t, out=work).sum(-1)]
     prob_cos = adaptive and weight == "prob_cos"
-    first = 0 if prob_cos else 1  # Gram matrix rows (e_s,) u, e_t against columns e_s, u, e_t, b - a
-    gram = torch.matmul(parts[:, :, first:3], parts.transpose(-1, -2)).flatten(-2)
-    sums = torch.cat([parts.sum(-1), gram], -1)[..., SUM_COLUMNS[prob_cos]].permute(2, 0, 1)
-    loss, coef = combine_atoms(m_s, m_t, sums, plan.tiles, stage_groups, temperature, adaptive, weight, want_grad)
+    if prob_cos:
+        sums += [torch.mul(e_s, e_s, out=work).sum(-1), torch.mul(e_s, e_t, out=work).sum(-1)]
+    sums = a.new_zeros(len(sums), rows, atoms).index_add_(2, plan.tile_atom, torch.stack(sums))
+    loss, coef = combine_atoms(m_s, m_t, sums, plan.atoms, stage_groups, temperature, adaptive, weight, want_grad)
     loss = (factor * loss).to(s.dtype) if nan_row is None else finish_loss(loss, nan_row, inf_row, factor, s.dtype)
     if not want_grad:
         return loss, None
 
-    c = (coef * (factor / temperature)).unsqueeze(-1)  # (4, rows, tiles, 1) on e_s, e_t, and u, 1 or e_s^2, e_s e_t
-    g = a  # reused
+    c = (coef * (factor / temperature))[:, :, plan.tile_atom, None]  # (4, rows, tiles, 1): see combine_atoms
     if prob_cos:  # e_s (c0 + c2 e_s + c3 e_t) + c1 e_t
-        torch.addcmul(c[0], e_s, c[2], out=g).addcmul_(e_t, c[3]).mul_(e_s).addcmul_(e_t, c[1])
-    else:  # c0 e_s + c2 u + c1 e_t, as one batched matmul over (e_s, u, e_t), then + c3
-        torch.matmul(c[[0, 2, 1]].permute(1, 2, 3, 0), parts[:, :, :3], out=g.unsqueeze(2))
-        g.add_(c[3])
+        g = torch.mul(e_s, c[2], out=work).add_(c[0]).addcmul_(e_t, c[3]).mul_(e_s).addcmul_(e_t, c[1])
+    else:  # c0 e_s + c1 e_t + c2 u + c3
+        g = torch.mul(e_s, c[0], out=work).addcmul_(e_t, c[1]).addcmul_(u, c[2]).add_(c[3])
     g.masked_fill_(plan.pad, 0.0)
     grad = s.new_zeros(rows, num_classes).scatter_add_(1, index, g.view(rows, -1))
     if nan_row is not None and bool((bad := nan_row | inf_row).any()):

@@ -59,11 +59,14 @@ def stage_bounds(n: torch.Tensor, groups: int) -> torch.Tensor:
     return i * (n // groups).unsqueeze(-1) + torch.minimum(i, (n % groups).unsqueeze(-1))
 
 
-def atom_cuts(n: torch.Tensor, stage_groups: list[int]) -> torch.Tensor:
+def atom_cuts(n: torch.Tensor, stage_groups: list[int], num_classes: int) -> torch.Tensor:
     """``(rows, atoms)``: every stage's interior boundaries sorted, then ``n``; atom k spans ``[cuts[k-1], cuts[k])``.
 
-    A repeated group count cuts at the same places, so only the distinct ones are used.
+    A repeated group count cuts at the same places, so only the distinct ones are used. Where the stages
+    have more boundaries than there are classes (K near C), every rank position is its own atom instead.
     """
+    if sum(g - 1 for g in set(stage_groups)) >= num_classes:
+        return torch.minimum(torch.arange(1, num_classes + 1, device=n.device), n.unsqueeze(-1))
     bounds = [stage_bounds(n, g) for g in sorted(set(stage_groups))]
     return torch.cat(bounds + [n.unsqueeze(-1)], -1).sort(-1).values
 
@@ -99,16 +102,35 @@ def sum_count(adaptive: bool, weight: str) -> int:
     return 9 if adaptive and weight == "prob_cos" else 7
 
 
+COMBINE_CELLS = 2**21  # rows x stages x atoms combined at once (about 150 bytes each): K near C goes in blocks
+
+
 def combine_atoms(m_s: torch.Tensor, m_t: torch.Tensor, sums: torch.Tensor, atoms: Atoms, stage_groups: list[int],
                   temperature: float, adaptive: bool, weight: str, want_grad: bool):
     """Every stage's ``sum_G w_G KL_G`` from per-atom maxima ``(rows, atoms)`` and shifted sums
     ``(sum_count, rows, atoms)`` (e_s, u, u^2, e_t, e_t (b - a), e_t u, e_t^2, then e_s^2, e_s e_t for
-    ``prob_cos``; ``e = exp(z/T - atom max)``, ``u = s/T - atom max``), in float64, all stages at once.
+    ``prob_cos``; ``e = exp(z/T - atom max)``, ``u = s/T - atom max``), in float64, many stages at once.
 
     ``atoms`` may describe any atoms that refine every stage's groups. Returns the loss ``(rows,)`` (float64,
     before ``factor``) and the gradient coefficients ``(4, rows, atoms)`` in ``m_s``'s dtype on the per-class
     arrays ``(e_s, e_t, u, 1)``, or ``(e_s, e_t, e_s^2, e_s e_t)`` for ``prob_cos``.
     """
+    rows, n_atoms = m_s.shape
+    step = max(1, COMBINE_CELLS // max(rows * n_atoms, 1))
+    if step >= len(stage_groups):
+        return _combine(m_s, m_t, sums, atoms, stage_groups, temperature, adaptive, weight, want_grad)
+    loss, coef, first = 0.0, 0.0, 0
+    for i in range(0, len(stage_groups), step):
+        block = stage_groups[i:i + step]
+        group = atoms.group[:, i * n_atoms:(i + len(block)) * n_atoms] - first  # the block's groups from 0
+        part = _combine(m_s, m_t, sums, Atoms(atoms.cuts, atoms.count, group, sum(block)), block, temperature,
+                        adaptive, weight, want_grad)
+        loss, coef, first = loss + part[0], (coef + part[1]) if want_grad else None, first + sum(block)
+    return loss, coef
+
+
+def _combine(m_s, m_t, sums, atoms: Atoms, stage_groups: list[int], temperature: float, adaptive: bool, weight: str,
+             want_grad: bool):
     (rows, n_atoms), stages, groups = m_s.shape, len(stage_groups), atoms.groups
     dtype, f64, neg = m_s.dtype, torch.float64, float("-inf")
     index = atoms.group.expand(rows, -1)
@@ -204,14 +226,10 @@ def pcd_rows(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: 
 
     # 1-2. one sort per row; boundaries of every stage; each class's atom, marked in rank order
     order = torch.sort(sortable(priority_key(s, t, live, rank_by)), dim=-1, descending=True, stable=True).indices
-    if sum(g - 1 for g in set(stage_groups)) < num_classes:
-        cuts = atom_cuts(n, stage_groups)
-        # the atom of rank position p is the number of cuts <= p; positions >= n land in the dump atom
-        marks = torch.zeros(rows, num_classes + 1, dtype=torch.int64, device=s.device)
-        atom_by_rank = marks.scatter_add_(1, cuts, torch.ones_like(cuts)).cumsum(1)[:, :num_classes]
-    else:  # more boundaries than classes (K near C): every rank position is its own atom
-        cuts = (torch.arange(1, num_classes + 1, device=s.device).expand(rows, num_classes)).clamp_max(n[:, None])
-        atom_by_rank = torch.where(cuts > torch.arange(num_classes, device=s.device), cuts - 1, num_classes)
+    cuts = atom_cuts(n, stage_groups, num_classes)
+    # the atom of rank position p is the number of cuts <= p; positions >= n land in the dump atom
+    marks = torch.zeros(rows, num_classes + 1, dtype=torch.int64, device=s.device)
+    atom_by_rank = marks.scatter_add_(1, cuts, torch.ones_like(cuts)).cumsum(1)[:, :num_classes]
     atoms = cuts.shape[-1]
     layout = atom_layout(cuts, n, stage_groups)
     atom = torch.empty_like(order).scatter_(1, order, atom_by_rank)

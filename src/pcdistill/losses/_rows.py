@@ -135,25 +135,40 @@ def rows_and_grads(student, teacher, spec: RowSpec, dtype: torch.dtype, valid=No
 
 
 class RowLoss(torch.autograd.Function):
-    """Per-row losses of a :class:`RowSpec` over ``(N, C)`` logits (:func:`rows_and_grads`); gradients to the
-    student only, formed in the forward pass and scaled by the incoming per-row weights in backward."""
+    """Losses of a :class:`RowSpec` over ``(N, C)`` logits (:func:`rows_and_grads`), per row (``"none"``) or
+    reduced (``"sum"``, ``"mean"`` over the valid rows); gradients to the student only, formed in the forward
+    pass and scaled by the incoming gradient in backward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, spec: RowSpec, dtype, valid, class_mask, *extra):
+    def forward(ctx, student, teacher, spec: RowSpec, dtype, valid, class_mask, reduction, *extra):
         want_grad = ctx.needs_input_grad[0]
         out, grad = rows_and_grads(student, teacher, spec, dtype, valid, class_mask, extra, want_grad)
+        if valid is not None:
+            out = torch.where(valid, out, 0.0)
+        ctx.reduction, ctx.count = reduction, 1
+        if reduction != "none":
+            if reduction == "mean":  # a python divisor where it can be: no host-to-device copy
+                ctx.count = max(out.numel(), 1) if valid is None else valid.sum().to(dtype).clamp_min(1)
+            out = out.sum() / ctx.count
         if want_grad:
             ctx.save_for_backward(grad)
         return out
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        student_grad = grad * grad_rows.unsqueeze(-1).to(grad.dtype)
-        return (student_grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
+        scale = grad_out.unsqueeze(-1) if ctx.reduction == "none" else grad_out / ctx.count
+        return (grad * scale.to(grad.dtype),) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 def row_losses(student: torch.Tensor, teacher: torch.Tensor, spec: RowSpec, *, dtype: torch.dtype, valid=None,
                class_mask=None, extra: tuple = ()) -> torch.Tensor:
     """``(N,)`` row losses of ``spec`` on ``(N, C)`` logits; the teacher is detached (a target, never trained)."""
-    return RowLoss.apply(student, teacher.detach(), spec, dtype, valid, class_mask, *extra)
+    return RowLoss.apply(student, teacher.detach(), spec, dtype, valid, class_mask, "none", *extra)
+
+
+def reduced_row_losses(student: torch.Tensor, teacher: torch.Tensor, spec: RowSpec, *, dtype: torch.dtype,
+                       reduction: str, leading: torch.Size, valid=None, class_mask=None, extra: tuple = ()):
+    """The loss of ``spec`` on ``(N, C)`` logits reduced as ``reduce_rows`` does (``"none"``: the leading shape)."""
+    out = RowLoss.apply(student, teacher.detach(), spec, dtype, valid, class_mask, reduction, *extra)
+    return out.reshape(leading) if reduction == "none" else out

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_class_mask, check_logits,
-                      check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows, reduce_rows)
-from ._rows import RowSpec, row_losses
+                      check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows)
+from ._rows import RowSpec, reduced_row_losses
 
 
 def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
@@ -56,8 +56,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     mask = check_valid(valid, leading, student_logits.device)
     classes = check_class_mask(class_mask, num_classes, student_logits.device)
     s, t = flat_rows(student_logits, teacher_logits)
-    row = row_losses(s, t, spec, dtype=compute_dtype(s, t), valid=mask, class_mask=classes)
-    return reduce_rows(row, mask, reduction, leading)
+    return reduced_row_losses(s, t, spec, dtype=compute_dtype(s, t), reduction=reduction, leading=leading, valid=mask,
+                              class_mask=classes)
 
 
 class KDLoss(LossModule):

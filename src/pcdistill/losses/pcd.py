@@ -15,7 +15,7 @@ from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_cl
                       check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows,
                       masked_standardize, reduce_rows, xlogy_diff)
 from ._pcd_rows import COS_EPS, WEIGHTS, WORK_ARRAYS, pcd_rows
-from ._rows import RowSpec, prepared_chunks, row_losses, standardize_backward
+from ._rows import RowSpec, prepared_chunks, reduced_row_losses, standardize_backward
 
 SCHEDULES = ("joint", "curriculum")
 RANK_BY = ("abs_diff", "teacher", "none")
@@ -139,9 +139,11 @@ def _row_function(device: torch.device, num_classes: int, stage_groups: list[int
             return pcd_rows_triton, WORK_ARRAYS
     elif _backend == "auto" and device.type == "cpu":
         from ._pcd_cpu import WORK_ARRAYS as CPU_WORK_ARRAYS
-        from ._pcd_cpu import pcd_rows_op
+        from ._pcd_cpu import pcd_rows_cpu, pcd_rows_op
 
         def cpu_rows(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight):
+            if not torch.compiler.is_compiling():  # the op is for the graph; eager skips its dispatch
+                return pcd_rows_cpu(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
             loss, grad = pcd_rows_op(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
             return loss, grad if want_grad else None
 
@@ -249,8 +251,8 @@ def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temp
         return _released_loss(s, t, keep, classes, standardize, temperature, stages, mask, reduction, leading)
     spec = pcd_row_spec(num_classes, s.device, temperature=temperature, stages=stages, schedule=schedule,
                         progress=progress, rank_by=rank_by, adaptive=adaptive, weight=weight, standardize=standardize)
-    row = row_losses(s, t, spec, dtype=compute_dtype(s, t), valid=mask, class_mask=classes)
-    return reduce_rows(row, mask, reduction, leading)
+    return reduced_row_losses(s, t, spec, dtype=compute_dtype(s, t), reduction=reduction, leading=leading, valid=mask,
+                              class_mask=classes)
 
 
 class PCDLoss(LossModule):
