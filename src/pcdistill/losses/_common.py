@@ -164,7 +164,8 @@ def prepare_rows(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor | None, c
                  dtype: torch.dtype):
     """A chunk of rows in the compute dtype: invalid rows zeroed (padding, even NaN, cannot leak) and
     classes outside ``class_mask`` set to ``-inf`` in both (absent)."""
-    s, t = s.to(dtype), t.to(dtype)
+    if s.dtype != dtype or t.dtype != dtype:
+        s, t = s.to(dtype), t.to(dtype)
     if valid is not None:
         keep = valid.unsqueeze(-1)
         s, t = torch.where(keep, s, 0.0), torch.where(keep, t, 0.0)

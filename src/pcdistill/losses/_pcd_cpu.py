@@ -32,7 +32,7 @@ import torch
 
 from ._pcd_rows import Atoms, atom_cuts, atom_layout, combine_atoms, finish_loss, priority_key, sortable
 
-WORK_ARRAYS = 16  # (rows, C)-sized arrays alive at once, in units of the compute dtype (int64 counts twice)
+WORK_ARRAYS = 20  # (rows, C)-sized arrays alive at once, in units of the compute dtype (int64 counts twice)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ def _plan(n: torch.Tensor, num_classes: int, stage_groups: tuple[int, ...]) -> P
     last = torch.minimum(first + width, end)
     position = first.unsqueeze(-1) + torch.arange(width)
     pad = position >= last.unsqueeze(-1)
-    position = position.clamp_max(num_classes - 1).flatten(1).int()  # gather and scatter take int32 indices
+    position = position.clamp_max(num_classes - 1).flatten(1)
     return Plan(atom_layout(cuts, n, list(stage_groups)), position, pad, atom)
 
 
@@ -79,14 +79,19 @@ def _partition(keys: np.ndarray, cuts: np.ndarray) -> None:
 
 
 def class_order(key: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
-    """``(rows, C)`` integers: the classes of each row with atom ``k`` at rank positions ``[cuts[k-1], cuts[k])``
+    """``(rows, C)`` int64: the classes of each row with atom ``k`` at rank positions ``[cuts[k-1], cuts[k])``
     (ranked by the integer ``key`` descending, ties to the lower class index; any order inside an atom).
     ``cuts`` has one row when all rows share it."""
-    num_classes = key.shape[1]
+    rows, num_classes = key.shape
     if key.dtype != torch.int32:
         return torch.sort(key, dim=-1, descending=True, stable=True).indices
-    # (~key) * 2**32 + class index: all distinct; ascending = key descending, then lower index first
-    packed = torch.add(_low_index(num_classes), key, alpha=-(2**32))
+    # int64 keys (~key) * 2**32 + class index, written as their two int32 halves: all distinct, and ascending
+    # order is key descending, then the lower class index first
+    halves = torch.empty(rows, num_classes, 2, dtype=torch.int32)
+    low, high = (0, 1) if sys.byteorder == "little" else (1, 0)
+    halves[..., low] = _class_index(num_classes)
+    torch.bitwise_not(key, out=halves[..., high])
+    packed = halves.view(torch.int64).squeeze(-1)
     keys, row_cuts = packed.numpy(), cuts.numpy()
     if len(row_cuts) == 1 or (row_cuts == row_cuts[:1]).all():
         _partition(keys, row_cuts[0])
@@ -97,21 +102,22 @@ def class_order(key: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
             part = keys[same]
             _partition(part, c)
             keys[same] = part
-    return packed.view(torch.int32)[:, 0::2] if sys.byteorder == "little" else (packed & 2**32 - 1).int()
+    return packed.bitwise_and_(2**32 - 1)
 
 
 @functools.lru_cache(maxsize=8)
-def _low_index(num_classes: int) -> torch.Tensor:
-    return torch.arange(num_classes, dtype=torch.int64) - 2**32
+def _class_index(num_classes: int) -> torch.Tensor:
+    return torch.arange(num_classes, dtype=torch.int32)
 
 
 def _row_state(s: torch.Tensor, t: torch.Tensor, rank_by: str):
     """Live-class counts, the NaN and +inf row flags (None when every value is finite) and the integer key."""
     rows, num_classes = s.shape
-    if bool(torch.isfinite(s.sum() + t.sum())):  # no inf, no NaN: every class is live
+    sum_s, sum_t = s.sum(-1, keepdim=True), t.sum(-1, keepdim=True)
+    if bool(torch.isfinite(sum_s.sum() + sum_t.sum())):  # no inf, no NaN: every class is live
         n = torch.full((rows,), num_classes, dtype=torch.int64)
         if rank_by == "abs_diff":  # as priority_key rounds it; >= 0, so its float bits are in order already
-            key = (t - t.sum(-1, keepdim=True) / num_classes).sub_(s - s.sum(-1, keepdim=True) / num_classes).abs_()
+            key = (t - sum_t / num_classes).sub_(s - sum_s / num_classes).abs_()
             return n, None, None, key.view(torch.int32) if key.dtype == torch.float32 else sortable(key)
         key = t if rank_by == "teacher" else -torch.arange(num_classes, dtype=s.dtype).expand_as(s)
         return n, None, None, sortable(key)
@@ -136,42 +142,46 @@ def pcd_rows_cpu(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], fact
     shared = nan_row is None or bool((n == n[0]).all())
     plan = (_shared_plan(int(n[0]), num_classes, tuple(stage_groups)) if shared
             else _plan(n, num_classes, tuple(stage_groups)))
-    index = class_order(key, plan.atoms.cuts).gather(1, plan.position.expand(rows, -1))
+    order = class_order(key, plan.atoms.cuts)
+    index = order.index_select(1, plan.position[0]) if shared else order.gather(1, plan.position)
     del key
     a = _to_tiles(s, index, plan.pad, temperature)  # s/T in tiles, -inf in the padding
     b = _to_tiles(t, index, plan.pad, temperature)
-    atoms = plan.atoms.cuts.shape[1]
-    tile_atom = plan.tile_atom.expand(rows, -1)
-    m_s = a.new_full((rows, atoms), float("-inf")).scatter_reduce_(1, tile_atom, a.amax(-1), "amax")
-    m_t = a.new_full((rows, atoms), float("-inf")).scatter_reduce_(1, tile_atom, b.amax(-1), "amax")
-    m_s.nan_to_num_(neginf=0.0)  # 0 for an empty atom (and in rows flagged NaN, whose results are replaced)
-    m_t.nan_to_num_(neginf=0.0)
+    atoms, tile_atom = plan.atoms.cuts.shape[1], plan.tile_atom
+    tops = torch.stack([a.amax(-1), b.amax(-1)])  # (2, rows, tiles): student and teacher maxima of each tile
+    m = tops.new_full((2, rows, atoms), float("-inf")).scatter_reduce_(2, tile_atom.expand_as(tops), tops, "amax")
+    m.nan_to_num_(neginf=0.0)  # 0 for an empty atom (and in rows flagged NaN, whose results are replaced)
+    m_tile = m.index_select(2, tile_atom).unsqueeze(-1)
 
-    # per tile: e_s = exp(a - m_s), u = a - m_s, e_t = exp(b - m_t), b - a; all 0 in the padding (u, b - a:
-    # also where the teacher is -inf, and in rows flagged NaN or +inf, whose results are replaced)
-    u = a - m_s[:, plan.tile_atom, None]
-    e_s = torch.exp(u)
-    u.nan_to_num_(0.0, 0.0, 0.0)
-    diff = torch.sub(b, a, out=a).nan_to_num_(0.0, 0.0, 0.0)
-    e_t = b.sub_(m_t[:, plan.tile_atom, None]).exp_()
-    e_t_diff = diff.mul_(e_t).sum(-1)
-    work = diff  # free from here on
-    sums = [e_s.sum(-1), u.sum(-1), torch.mul(u, u, out=work).sum(-1), e_t.sum(-1), e_t_diff,
-            torch.mul(e_t, u, out=work).sum(-1), torch.mul(e_t, e_t, out=work).sum(-1)]
+    # per tile, in the order combine_atoms reads their sums: e_s = exp(a - m_s), u = a - m_s, u^2, e_t = exp(b - m_t),
+    # e_t (b - a), e_t u, e_t^2 [, e_s^2, e_s e_t]; u and b - a are 0 in the padding, where the teacher is -inf
+    # and in rows flagged NaN or +inf (whose results are replaced)
     prob_cos = adaptive and weight == "prob_cos"
+    parts = torch.empty((9 if prob_cos else 7,) + a.shape, dtype=s.dtype)
+    e_s, u, _, e_t, e_t_diff = parts[:5]
+    torch.sub(a, m_tile[0], out=u)
+    torch.exp(u, out=e_s)
+    u.nan_to_num_(0.0, 0.0, 0.0)
+    torch.sub(b, a, out=e_t_diff).nan_to_num_(0.0, 0.0, 0.0)
+    torch.sub(b, m_tile[1], out=e_t).exp_()
+    e_t_diff.mul_(e_t)
+    torch.mul(u, u, out=parts[2])
+    torch.mul(e_t, u, out=parts[5])
+    torch.mul(e_t, e_t, out=parts[6])
     if prob_cos:
-        sums += [torch.mul(e_s, e_s, out=work).sum(-1), torch.mul(e_s, e_t, out=work).sum(-1)]
-    sums = a.new_zeros(len(sums), rows, atoms).index_add_(2, plan.tile_atom, torch.stack(sums))
-    loss, coef = combine_atoms(m_s, m_t, sums, plan.atoms, stage_groups, temperature, adaptive, weight, want_grad)
+        torch.mul(e_s, e_s, out=parts[7])
+        torch.mul(e_s, e_t, out=parts[8])
+    sums = a.new_zeros(len(parts), rows, atoms).index_add_(2, tile_atom, parts.sum(-1))
+    loss, coef = combine_atoms(m, sums, plan.atoms, stage_groups, temperature, adaptive, weight, want_grad)
     loss = (factor * loss).to(s.dtype) if nan_row is None else finish_loss(loss, nan_row, inf_row, factor, s.dtype)
     if not want_grad:
         return loss, None
 
-    c = (coef * (factor / temperature))[:, :, plan.tile_atom, None]  # (4, rows, tiles, 1): see combine_atoms
+    c = (coef * (factor / temperature)).index_select(2, tile_atom).unsqueeze(-1)  # (4, rows, tiles, 1)
     if prob_cos:  # e_s (c0 + c2 e_s + c3 e_t) + c1 e_t
-        g = torch.mul(e_s, c[2], out=work).add_(c[0]).addcmul_(e_t, c[3]).mul_(e_s).addcmul_(e_t, c[1])
+        g = torch.mul(e_s, c[2], out=a).add_(c[0]).addcmul_(e_t, c[3]).mul_(e_s).addcmul_(e_t, c[1])
     else:  # c0 e_s + c1 e_t + c2 u + c3
-        g = torch.mul(e_s, c[0], out=work).addcmul_(e_t, c[1]).addcmul_(u, c[2]).add_(c[3])
+        g = torch.mul(e_s, c[0], out=a).addcmul_(e_t, c[1]).addcmul_(u, c[2]).add_(c[3])
     g.masked_fill_(plan.pad, 0.0)
     grad = s.new_zeros(rows, num_classes).scatter_add_(1, index, g.view(rows, -1))
     if nan_row is not None and bool((bad := nan_row | inf_row).any()):

@@ -79,6 +79,7 @@ class Atoms:
     count: torch.Tensor  # (rows, 1, atoms) float64: classes in each atom
     group: torch.Tensor  # (rows, stages * atoms): the group of each atom in each stage, numbered across stages
     groups: int  # groups of all stages
+    several: torch.Tensor  # (rows, groups): the group has two classes or more (one class: KL exactly 0)
 
 
 def atom_layout(cuts: torch.Tensor, n: torch.Tensor, stage_groups: list[int]) -> Atoms:
@@ -94,7 +95,9 @@ def atom_layout(cuts: torch.Tensor, n: torch.Tensor, stage_groups: list[int]) ->
     p = starts.unsqueeze(1)
     group = torch.where(p < long_end, p // (q + 1), r + (p - long_end) // q.clamp_min(1))
     group = (torch.minimum(group, g - 1) + g.cumsum(0) - g).flatten(1)
-    return Atoms(cuts, (cuts - starts).to(torch.float64).unsqueeze(1), group, sum(stage_groups))
+    count = (cuts - starts).to(torch.float64)
+    size = count.new_zeros(len(cuts), sum(stage_groups)).scatter_add_(1, group, count.repeat(1, len(stage_groups)))
+    return Atoms(cuts, count.unsqueeze(1), group, sum(stage_groups), size > 1)
 
 
 def sum_count(adaptive: bool, weight: str) -> int:
@@ -105,34 +108,35 @@ def sum_count(adaptive: bool, weight: str) -> int:
 COMBINE_CELLS = 2**21  # rows x stages x atoms combined at once (about 150 bytes each): K near C goes in blocks
 
 
-def combine_atoms(m_s: torch.Tensor, m_t: torch.Tensor, sums: torch.Tensor, atoms: Atoms, stage_groups: list[int],
-                  temperature: float, adaptive: bool, weight: str, want_grad: bool):
-    """Every stage's ``sum_G w_G KL_G`` from per-atom maxima ``(rows, atoms)`` and shifted sums
+def combine_atoms(m: torch.Tensor, sums: torch.Tensor, atoms: Atoms, stage_groups: list[int], temperature: float,
+                  adaptive: bool, weight: str, want_grad: bool):
+    """Every stage's ``sum_G w_G KL_G`` from per-atom maxima ``(2, rows, atoms)`` (student, teacher) and shifted sums
     ``(sum_count, rows, atoms)`` (e_s, u, u^2, e_t, e_t (b - a), e_t u, e_t^2, then e_s^2, e_s e_t for
     ``prob_cos``; ``e = exp(z/T - atom max)``, ``u = s/T - atom max``), in float64, many stages at once.
 
     ``atoms`` may describe any atoms that refine every stage's groups. Returns the loss ``(rows,)`` (float64,
-    before ``factor``) and the gradient coefficients ``(4, rows, atoms)`` in ``m_s``'s dtype on the per-class
+    before ``factor``) and the gradient coefficients ``(4, rows, atoms)`` in ``m``'s dtype on the per-class
     arrays ``(e_s, e_t, u, 1)``, or ``(e_s, e_t, e_s^2, e_s e_t)`` for ``prob_cos``.
     """
-    rows, n_atoms = m_s.shape
+    rows, n_atoms = m.shape[1:]
     step = max(1, COMBINE_CELLS // max(rows * n_atoms, 1))
     if step >= len(stage_groups):
-        return _combine(m_s, m_t, sums, atoms, stage_groups, temperature, adaptive, weight, want_grad)
+        return _combine(m, sums, atoms, stage_groups, temperature, adaptive, weight, want_grad)
     loss, coef, first = 0.0, 0.0, 0
     for i in range(0, len(stage_groups), step):
         block = stage_groups[i:i + step]
         group = atoms.group[:, i * n_atoms:(i + len(block)) * n_atoms] - first  # the block's groups from 0
-        part = _combine(m_s, m_t, sums, Atoms(atoms.cuts, atoms.count, group, sum(block)), block, temperature,
+        several = atoms.several[:, first:first + sum(block)]
+        part = _combine(m, sums, Atoms(atoms.cuts, atoms.count, group, sum(block), several), block, temperature,
                         adaptive, weight, want_grad)
         loss, coef, first = loss + part[0], (coef + part[1]) if want_grad else None, first + sum(block)
     return loss, coef
 
 
-def _combine(m_s, m_t, sums, atoms: Atoms, stage_groups: list[int], temperature: float, adaptive: bool, weight: str,
+def _combine(m, sums, atoms: Atoms, stage_groups: list[int], temperature: float, adaptive: bool, weight: str,
              want_grad: bool):
-    (rows, n_atoms), stages, groups = m_s.shape, len(stage_groups), atoms.groups
-    dtype, f64, neg = m_s.dtype, torch.float64, float("-inf")
+    (rows, n_atoms), stages, groups = m.shape[1:], len(stage_groups), atoms.groups
+    dtype, f64, neg = m.dtype, torch.float64, float("-inf")
     index = atoms.group.expand(rows, -1)
 
     def per_group(x):  # (k, rows, stages or 1, atoms) summed over each group's atoms: (k, rows, groups)
@@ -144,7 +148,7 @@ def _combine(m_s, m_t, sums, atoms: Atoms, stage_groups: list[int], temperature:
 
     # per-atom values as (.., rows, 1, atoms), against (.., rows, stages, atoms) where they depend on the group
     sums = sums.to(f64).unsqueeze(2)
-    m = torch.stack([m_s, m_t]).to(f64).unsqueeze(2)
+    m = m.to(f64).unsqueeze(2)
     z = sums[0:4:3]  # the sums of e_s and e_t
     live = z > 0
     # log-sum-exp of each group, student and teacher together (0 for an empty group)
@@ -160,30 +164,30 @@ def _combine(m_s, m_t, sums, atoms: Atoms, stage_groups: list[int], temperature:
     z_s, sum_u, sum_uu, z_t, sum_tdiff, sum_tu, sum_tt = sums[:7]
     count = atoms.count
     t2 = temperature**2
-    terms = [w_t * z_t, count.expand_as(w_t), w_t * sum_tdiff]
+    terms = [w_t * z_t, w_t * sum_tdiff]
     if adaptive and weight == "log_prob_cos":  # cos(q_t, log q_s), log q_s = u + delta
         terms += [w_t * (sum_tu + delta * z_t), w_t * w_t * sum_tt, sum_u + count * delta,
                   sum_uu + delta * (2 * sum_u + count * delta)]
     elif adaptive:  # cos(q_t, q_s)
         terms += [w_t * w_s * sums[8], w_t * w_t * sum_tt, w_s * w_s * sums[7]]
     g = per_group(torch.stack(terms))
-    mass_t, size = g[0], g[1]  # sum of q_t over the group: 1, or 0 without teacher mass
+    mass_t = g[0]  # sum of q_t over the group: 1, or 0 without teacher mass
     lse_s, lse_t = lse
-    kl = t2 * (g[2] + lse_s - lse_t) * ((mass_t > 0) & (size > 1))  # a group of one class has KL exactly 0
+    kl = t2 * (g[1] + lse_s - lse_t) * ((mass_t > 0) & atoms.several)  # a group of one class has KL exactly 0
     # d KL / d(s_c/T) = T^2 (q_s,c mass_t - q_t,c); the weight's derivative adds terms in the third and fourth arrays
     if not adaptive:
         loss = kl.sum(-1)
         coef = [t2 * mass_t, torch.full_like(kl, -t2)]
     else:
-        dot, norm_t = g[3], g[4].sqrt()
-        norm_s = (g[6] if weight == "log_prob_cos" else g[5]).clamp_min(0).sqrt()
+        dot, norm_t = g[2], g[3].sqrt()
+        norm_s = (g[5] if weight == "log_prob_cos" else g[4]).clamp_min(0).sqrt()
         nt, ns = norm_t.clamp_min(COS_EPS), norm_s.clamp_min(COS_EPS)
         cos = dot / (nt * ns)
         w = 1 - cos
         loss = (w * kl).sum(-1)
         ns_grad = cos / (ns * ns) * (norm_s > COS_EPS)
         if weight == "log_prob_cos":
-            coef = [w * t2 * mass_t + kl * (mass_t / (nt * ns) - ns_grad * g[5]), -w * t2 - kl / (nt * ns),
+            coef = [w * t2 * mass_t + kl * (mass_t / (nt * ns) - ns_grad * g[4]), -w * t2 - kl / (nt * ns),
                     kl * ns_grad]  # the last on log q_s = u + delta: u and the constant
         else:
             coef = [w * t2 * mass_t + kl * (cos - ns_grad * norm_s * norm_s), -w * t2, kl * ns_grad,
@@ -254,8 +258,8 @@ def pcd_rows(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: 
         torch.mul(e_s, e_s, out=parts[7])
         torch.mul(e_s, e_t, out=parts[8])
     sums = parts.new_zeros(len(parts), rows, atoms + 1).scatter_add_(2, atom.expand_as(parts), parts)
-    loss, coef = combine_atoms(m_s[:, :atoms], m_t[:, :atoms], sums[..., :atoms], layout,
-                               stage_groups, temperature, adaptive, weight, want_grad)
+    loss, coef = combine_atoms(torch.stack([m_s, m_t])[..., :atoms], sums[..., :atoms], layout, stage_groups,
+                               temperature, adaptive, weight, want_grad)
     loss = finish_loss(loss, nan_row, inf_row, factor, s.dtype)
 
     if not want_grad:

@@ -323,7 +323,7 @@ def pcd_rows_triton(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], f
 
     n = n.long()
     layout = atom_layout(atom_cuts(n, groups, num_classes), n, stage_groups)
-    loss, coef = combine_atoms(maxima[:, 0, :atoms], maxima[:, 1, :atoms], sums[:, :, :atoms].transpose(0, 1), layout,
+    loss, coef = combine_atoms(maxima[:, :, :atoms].transpose(0, 1), sums[:, :, :atoms].transpose(0, 1), layout,
                                stage_groups, temperature, adaptive, weight, want_grad)
     loss = finish_loss(loss, (flags & 1) != 0, (flags & 2) != 0, factor, dtype)
     if not want_grad:

@@ -54,10 +54,15 @@ def memory_budget(mib: float):
         set_memory_budget(previous)
 
 
+SPEED_CHUNK = 2**19  # logits per chunk at most, whatever the budget: larger chunks only add page faults
+
+
 def chunk_rows(rows: int, num_classes: int, dtype: torch.dtype, work_arrays: int) -> int:
-    """Rows per chunk so that ``work_arrays`` row-sized arrays of ``dtype`` fit the budget (at least 1)."""
-    per_row = num_classes * torch.finfo(dtype).bits // 8 * work_arrays
-    return max(1, min(rows, _budget_bytes // max(per_row, 1)))
+    """Rows per chunk so that ``work_arrays`` row-sized arrays of ``dtype`` fit the budget (at least 1), and
+    a chunk holds at most ``SPEED_CHUNK`` logits (freed and reallocated work arrays of a few MiB stay with the
+    process's allocator; arrays of hundreds of MiB go back to the OS and come back as page faults)."""
+    per_row = num_classes * dtype.itemsize * work_arrays
+    return max(1, min(rows, _budget_bytes // max(per_row, 1), SPEED_CHUNK // max(num_classes, 1)))
 
 
 # A row function: (s, t, extra, want_grad) -> (row_loss (R,), d row_loss / d s (R, C) or None),
@@ -121,7 +126,9 @@ def rows_and_grads(student, teacher, spec: RowSpec, dtype: torch.dtype, valid=No
     step = chunk_rows(rows, num_classes, dtype, spec.work_arrays)
     if 0 < rows <= step:  # one chunk: its results are the outputs
         loss, g = _chunk(spec, student, teacher, valid, class_mask, dtype, extra, want_grad)
-        return loss.to(dtype), g.to(student.dtype) if want_grad else None
+        if want_grad and g.dtype != student.dtype:
+            g = g.to(student.dtype)
+        return loss if loss.dtype == dtype else loss.to(dtype), g
     out = torch.empty(rows, dtype=dtype, device=student.device)
     grad = torch.empty_like(student) if want_grad else None
     for start in range(0, rows, step):
@@ -158,7 +165,9 @@ class RowLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         scale = grad_out.unsqueeze(-1) if ctx.reduction == "none" else grad_out / ctx.count
-        return (grad * scale.to(grad.dtype),) + (None,) * (len(ctx.needs_input_grad) - 1)
+        if scale.dtype != grad.dtype:
+            scale = scale.to(grad.dtype)
+        return (grad * scale,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 def row_losses(student: torch.Tensor, teacher: torch.Tensor, spec: RowSpec, *, dtype: torch.dtype, valid=None,
@@ -170,5 +179,5 @@ def row_losses(student: torch.Tensor, teacher: torch.Tensor, spec: RowSpec, *, d
 def reduced_row_losses(student: torch.Tensor, teacher: torch.Tensor, spec: RowSpec, *, dtype: torch.dtype,
                        reduction: str, leading: torch.Size, valid=None, class_mask=None, extra: tuple = ()):
     """The loss of ``spec`` on ``(N, C)`` logits reduced as ``reduce_rows`` does (``"none"``: the leading shape)."""
-    out = RowLoss.apply(student, teacher.detach(), spec, dtype, valid, class_mask, reduction, *extra)
+    out = RowLoss.apply(student, teacher, spec, dtype, valid, class_mask, reduction, *extra)  # teacher: flat_rows detached it
     return out.reshape(leading) if reduction == "none" else out
