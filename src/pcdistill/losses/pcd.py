@@ -1,7 +1,9 @@
 """Progressive Class-level Distillation (PCD), as specified in the project's METHOD.md.
 
 Li, Li, Zhang, Xu, "Progressive Class-level Distillation", arXiv 2505.24310 (2025).
-The maths is in :func:`pcd_loss`'s docstring; the per-row computation lives in ``_pcd_rows``.
+The maths is in :func:`pcd_loss`'s docstring; the per-row computation lives in ``_pcd_cpu`` (the CPU's
+default: selection and tiles) and ``_pcd_rows`` (plain torch: one sort, scatters), with the combination
+of every stage's groups shared by both (and by the Triton kernel of ``_pcd_triton``, used when asked for).
 """
 from __future__ import annotations
 
