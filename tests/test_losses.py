@@ -416,15 +416,16 @@ def test_selection_and_sort_rows_agree_on_every_rule():
 def test_selection_groups_classes_as_the_stable_sort():
     """float32 keys with many ties, -0.0 and absent classes: the partition puts each class in the atom the
     stable descending sort (ties to the lower class index) puts it in."""
-    from pcdistill.losses._pcd_cpu import class_order
+    from pcdistill.losses._pcd_cpu import _plan, class_order
     g = torch.Generator().manual_seed(3)
     key = torch.randint(-3, 4, (7, 50), generator=g).float()
     key[key == 0] = torch.where(torch.rand(int((key == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
     key[1:4][torch.rand(3, 50, generator=g) < 0.4] = NEG  # absent classes: other live counts per row
     n = (key > NEG).sum(-1)
-    cuts = kernel.atom_cuts(n, [2, 3, 5], 50)
+    plan = _plan(n, 50, (2, 3, 5))
+    cuts = plan.atoms.cuts
     ints = kernel.sortable(key)
-    order = class_order(ints, cuts)
+    order = class_order(ints, plan)
     want = torch.sort(ints, dim=-1, descending=True, stable=True).indices
     for r in range(7):
         bounds = [0] + cuts[r].tolist() + [50]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 
 import numpy as np
@@ -44,6 +45,7 @@ class Plan:
     position: torch.Tensor  # (rows or 1, tiles * width)
     pad: torch.Tensor  # (rows or 1, tiles, width)
     tile_atom: torch.Tensor  # (tiles,)
+    shared_cuts: list[int] | None  # the interior atom ends of a shared layout, for the partition
 
 
 def _plan(n: torch.Tensor, num_classes: int, stage_groups: tuple[int, ...]) -> Plan:
@@ -60,7 +62,8 @@ def _plan(n: torch.Tensor, num_classes: int, stage_groups: tuple[int, ...]) -> P
     position = first.unsqueeze(-1) + torch.arange(width)
     pad = position >= last.unsqueeze(-1)
     position = position.clamp_max(num_classes - 1).flatten(1)
-    return Plan(atom_layout(cuts, n, list(stage_groups)), position, pad, atom)
+    shared = sorted({c for c in cuts[0].tolist() if 0 < c < num_classes}) if len(cuts) == 1 else None
+    return Plan(atom_layout(cuts, n, list(stage_groups)), position, pad, atom, shared)
 
 
 @functools.lru_cache(maxsize=32)
@@ -69,19 +72,18 @@ def _shared_plan(n: int, num_classes: int, stage_groups: tuple[int, ...]) -> Pla
     return _plan(torch.tensor([n]), num_classes, stage_groups)
 
 
-def _partition(keys: np.ndarray, cuts: np.ndarray) -> None:
+def _partition(keys: np.ndarray, cuts) -> None:
     """Partition the rows of ``keys`` in place so that positions ``[c_i, c_{i+1})`` hold the keys of those ranks."""
     start = 0
-    for cut in sorted(set(cuts.tolist())):
+    for cut in sorted(set(cuts)):
         if start < cut < keys.shape[1]:
             keys[:, start:].partition(cut - start, axis=-1)
             start = cut
 
 
-def class_order(key: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
+def class_order(key: torch.Tensor, plan: Plan) -> torch.Tensor:
     """``(rows, C)`` int64: the classes of each row with atom ``k`` at rank positions ``[cuts[k-1], cuts[k])``
-    (ranked by the integer ``key`` descending, ties to the lower class index; any order inside an atom).
-    ``cuts`` has one row when all rows share it."""
+    (ranked by the integer ``key`` descending, ties to the lower class index; any order inside an atom)."""
     rows, num_classes = key.shape
     if key.dtype != torch.int32:
         return torch.sort(key, dim=-1, descending=True, stable=True).indices
@@ -92,15 +94,15 @@ def class_order(key: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
     halves[..., low] = _class_index(num_classes)
     torch.bitwise_not(key, out=halves[..., high])
     packed = halves.view(torch.int64).squeeze(-1)
-    keys, row_cuts = packed.numpy(), cuts.numpy()
-    if len(row_cuts) == 1 or (row_cuts == row_cuts[:1]).all():
-        _partition(keys, row_cuts[0])
-    else:
-        unique, which = np.unique(row_cuts, axis=0, return_inverse=True)
-        for i, c in enumerate(unique):
+    keys = packed.numpy()
+    if plan.shared_cuts is not None:
+        _partition(keys, plan.shared_cuts)
+    else:  # rows with equal cuts together
+        unique, which = np.unique(plan.atoms.cuts.numpy(), axis=0, return_inverse=True)
+        for i, cuts in enumerate(unique.tolist()):
             same = np.flatnonzero(which.reshape(-1) == i)
             part = keys[same]
-            _partition(part, c)
+            _partition(part, cuts)
             keys[same] = part
     return packed.bitwise_and_(2**32 - 1)
 
@@ -111,11 +113,11 @@ def _class_index(num_classes: int) -> torch.Tensor:
 
 
 def _row_state(s: torch.Tensor, t: torch.Tensor, rank_by: str):
-    """Live-class counts, the NaN and +inf row flags (None when every value is finite) and the integer key."""
+    """Live-class counts, the NaN and +inf row flags (all None when every value is finite) and the integer key."""
     rows, num_classes = s.shape
     sum_s, sum_t = s.sum(-1, keepdim=True), t.sum(-1, keepdim=True)
-    if bool(torch.isfinite(sum_s.sum() + sum_t.sum())):  # no inf, no NaN: every class is live
-        n = torch.full((rows,), num_classes, dtype=torch.int64)
+    if math.isfinite((sum_s + sum_t).sum()):  # no inf, no NaN: every class is live (n = None)
+        n = None
         if rank_by == "abs_diff":  # as priority_key rounds it; >= 0, so its float bits are in order already
             key = (t - sum_t / num_classes).sub_(s - sum_s / num_classes).abs_()
             return n, None, None, key.view(torch.int32) if key.dtype == torch.float32 else sortable(key)
@@ -139,10 +141,10 @@ def pcd_rows_cpu(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], fact
     if rows == 0:
         return s.new_zeros(0), s.new_zeros(0, num_classes) if want_grad else None
     n, nan_row, inf_row, key = _row_state(s, t, rank_by)
-    shared = nan_row is None or bool((n == n[0]).all())
-    plan = (_shared_plan(int(n[0]), num_classes, tuple(stage_groups)) if shared
+    shared = n is None or bool((n == n[0]).all())
+    plan = (_shared_plan(num_classes if n is None else int(n[0]), num_classes, tuple(stage_groups)) if shared
             else _plan(n, num_classes, tuple(stage_groups)))
-    order = class_order(key, plan.atoms.cuts)
+    order = class_order(key, plan)
     index = order.index_select(1, plan.position[0]) if shared else order.gather(1, plan.position)
     del key
     a = _to_tiles(s, index, plan.pad, temperature)  # s/T in tiles, -inf in the padding
