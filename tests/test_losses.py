@@ -15,6 +15,7 @@ from pcdistill.losses import (DISTLoss, DKDLoss, KDLoss, PCDLoss, dist_loss, dkd
 from pcdistill.losses import _pcd_rows as kernel
 from pcdistill.losses import _rows as rows_module
 from pcdistill.losses import pcd as pcd_module
+from tests.helpers import special_rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,25 +373,6 @@ def test_stage_bounds_follow_tensor_split():
 # ----------------------------------------------------------------------------------------------
 # The two row implementations: selection and tiles (CPU default), one sort and scatters (plain torch)
 # ----------------------------------------------------------------------------------------------
-def special_rows(C, seed, dtype=torch.float64):
-    """8 rows: random, small-integer ties (with -0.0), masked classes, teacher-only -inf, fewer live classes
-    than groups, student-only -inf (+inf row), NaN, +inf."""
-    s, t = pair((8, C), seed, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    ints = torch.randint(-2, 3, (2, 2, C), generator=g).double()
-    s[1:3], t[1:3] = ints[0], ints[1]
-    t[1, ::3] = -t[1, ::3]  # zeros become -0.0, which ties with 0.0
-    masked = torch.rand(C, generator=g) < 0.3
-    s[2, masked], t[2, masked] = NEG, NEG
-    t[3, 1::4] = NEG
-    s[3, ::7], t[3, ::7] = NEG, NEG
-    s[4, 3:], t[4, 3:] = NEG, NEG  # 3 live classes
-    s[5, C // 2] = NEG
-    t[6, C - 1] = math.nan
-    s[7, 0] = math.inf
-    return s.to(dtype), t.to(dtype)
-
-
 def test_selection_and_sort_rows_agree_on_every_rule():
     """``_pcd_cpu.pcd_rows_cpu`` (selection, tiles) against ``_pcd_rows.pcd_rows`` (sort, scatters): every
     option and rule at once, float64 and float32 (whose keys go through the int64 partition)."""
@@ -401,7 +383,7 @@ def test_selection_and_sort_rows_agree_on_every_rule():
                                                  ("none", False, "log_prob_cos", torch.float64),
                                                  ("abs_diff", True, "prob_cos", torch.float32),
                                                  ("teacher", True, "log_prob_cos", torch.float32)]:
-            s, t = special_rows(C, C, dtype)
+            s, t = (x.to(dtype) for x in special_rows(C, C))
             for rows in (slice(None), slice(0, 2)):  # masked rows, and rows that all share one layout
                 args = (s[rows], t[rows], groups, 2.0, 3.0, adaptive, rank_by, True, weight)
                 want, g_want = kernel.pcd_rows(*args)
