@@ -153,10 +153,11 @@ class RowLoss(torch.autograd.Function):
         if valid is not None:
             out = torch.where(valid, out, 0.0)
         ctx.reduction, ctx.count = reduction, 1
-        if reduction != "none":
-            if reduction == "mean":  # a python divisor where it can be: no host-to-device copy
-                ctx.count = max(out.numel(), 1) if valid is None else valid.sum().to(dtype).clamp_min(1)
-            out = out.sum() / ctx.count
+        if reduction == "sum" or (reduction == "mean" and valid is None and out.numel() == 0):
+            out = out.sum()
+        elif reduction == "mean":  # a python divisor where it can be: no host-to-device copy
+            ctx.count = out.numel() if valid is None else valid.sum().to(dtype).clamp_min(1)
+            out = out.mean() if valid is None else out.sum() / ctx.count
         if want_grad:
             ctx.save_for_backward(grad)
         return out
