@@ -1,8 +1,6 @@
 """Vanilla logit knowledge distillation."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_class_mask, check_logits,
@@ -21,9 +19,8 @@ def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: boo
     return loss, grad
 
 
-@functools.lru_cache(maxsize=64, typed=True)
 def kd_row_spec(*, temperature: float = 4.0, standardize: bool = False) -> RowSpec:
-    """:func:`kd_loss` as rows (options checked; one spec per option set, reused)."""
+    """:func:`kd_loss` as rows (options checked)."""
     temperature = check_positive_finite("temperature", temperature)
     check_bool("standardize", standardize)
 
