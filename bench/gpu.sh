@@ -21,8 +21,8 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
   timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_compile.py -k cuda tests/test_pcd_triton.py 2>&1 \
     | tail -20 | tee "$OUT_DIR/tests.txt"
   echo "== 2/3 loss_speed on CUDA"
-  timeout 180 "$PY" bench/loss_speed.py --device cuda --quick --methods "torch KD" KD DKD "PCD K=3" \
-    "PCD K=3 (torch rows)" "PCD K=7" "PCD released" \
+  timeout 180 "$PY" bench/loss_speed.py --device cuda --quick --methods "textbook KD" KD DKD "PCD K=3" \
+    "PCD K=3 (Triton)" "PCD K=7" "PCD released" \
     --shapes 256x1000:fp32 1024x1000:fp32 128x32000:fp32 4096x32000:bf16 512x128000:fp32 512x128000:bf16 \
     8192x128000:bf16 2>&1 | grep -v "USDT\|^ERROR:" | tee "$OUT_DIR/loss_speed_cuda.md"
   echo "== 3/3 train_speed on CUDA, bf16 AMP + torch.compile"

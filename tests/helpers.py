@@ -39,3 +39,25 @@ def run_two_processes(worker: str, *args: str, env: dict | None = None, timeout:
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def special_rows(C: int, seed: int):
+    """8 float64 rows of PCD's special cases: random, small-integer ties (with -0.0), masked classes,
+    teacher-only -inf, fewer live classes than groups, student-only -inf (+inf row), NaN, +inf."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(8, C, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(8, C, generator=g, dtype=torch.float64) * 3
+    ints = torch.randint(-2, 3, (2, 2, C), generator=g).double()
+    s[1:3], t[1:3] = ints[0], ints[1]
+    t[1, ::3] = -t[1, ::3]  # zeros become -0.0, which ties with 0.0
+    masked = torch.rand(C, generator=g) < 0.3
+    s[2, masked], t[2, masked] = float("-inf"), float("-inf")
+    t[3, 1::4] = float("-inf")
+    s[3, ::7], t[3, ::7] = float("-inf"), float("-inf")
+    s[4, 3:], t[4, 3:] = float("-inf"), float("-inf")  # 3 live classes
+    s[5, C // 2] = float("-inf")
+    t[6, C - 1] = float("nan")
+    s[7, 0] = float("inf")
+    return s, t

@@ -29,7 +29,7 @@ CASES = {
     "pcd_k7_teacher_fixed": lambda s, t: pcd_loss(s, t, stages=7, rank_by="teacher", adaptive=False,
                                                   standardize=True, reduction="sum"),
     "pcd_curriculum_none": lambda s, t: pcd_loss(s, t, schedule="curriculum", progress=0.6, rank_by="none",
-                                                 reduction="none").sum(),
+                                                 weight="prob_cos", reduction="none").sum(),
     "released": lambda s, t: pcd_loss(s, t, variant="released", class_mask=CLASS_MASK, valid=VALID,
                                       standardize=True),
     # one graph for the three (each compile costs seconds); rkl without row 1, whose teacher-only -inf makes it +inf

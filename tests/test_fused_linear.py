@@ -24,7 +24,7 @@ CASES = [
     ("pcd", {}),
     ("pcd", {"schedule": "curriculum", "progress": 0.6}),
     ("pcd", {"standardize": True, "stages": 4}),
-    ("pcd", {"rank_by": "teacher", "stages": 5}),
+    ("pcd", {"rank_by": "teacher", "stages": 5, "weight": "prob_cos"}),
     ("pcd", {"rank_by": "none", "adaptive": False}),
     ("pcd", {"variant": "released"}),
     ("pcd", {"variant": "released", "standardize": True, "temperature": 2.0}),

@@ -18,6 +18,7 @@ from pcdistill.losses import (DISTLoss, DKDLoss, JSDLoss, KDLoss, PCDLoss, RKLLo
 from pcdistill.losses import _pcd_rows as kernel
 from pcdistill.losses import _rows as rows_module
 from pcdistill.losses import pcd as pcd_module
+from tests.helpers import special_rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,25 +49,27 @@ def ref_chunks(order, groups):
     return out
 
 
-def ref_stage(s, t, order, groups, temperature, adaptive):
+def ref_weight(q_t, log_q_s, weight):
+    """1 - cos(q_t, log q_s) or, for "prob_cos", 1 - cos(q_t, q_s); each norm clamped at 1e-8."""
+    v = log_q_s if weight == "log_prob_cos" else log_q_s.exp()
+    norm_t = torch.sqrt((q_t * q_t).sum()).clamp_min(1e-8)
+    norm_s = torch.sqrt((v * v).sum() + 1e-300).clamp_min(1e-8)
+    return 1 - (q_t * v).sum() / (norm_t * norm_s)
+
+
+def ref_stage(s, t, order, groups, temperature, adaptive, weight="log_prob_cos"):
     total = s.new_zeros(())
     for group in ref_chunks(order, groups):
         q_t = torch.softmax(t[group] / temperature, 0)
         log_q_t = torch.log_softmax(t[group] / temperature, 0)
         log_q_s = torch.log_softmax(s[group] / temperature, 0)
         kl = temperature**2 * (q_t * (log_q_t - log_q_s)).sum()
-        if adaptive:
-            norm_t = torch.sqrt((q_t * q_t).sum()).clamp_min(1e-8)
-            norm_s = torch.sqrt((log_q_s * log_q_s).sum() + 1e-300).clamp_min(1e-8)
-            weight = 1 - (q_t * log_q_s).sum() / (norm_t * norm_s)
-        else:
-            weight = 1.0
-        total = total + weight * kl
+        total = total + (ref_weight(q_t, log_q_s, weight) if adaptive else 1.0) * kl
     return total
 
 
 def ref_pcd(s, t, *, temperature=4.0, stages=3, schedule="joint", progress=None, rank_by="abs_diff",
-            adaptive=True, standardize=False, reduction="mean", valid=None):
+            adaptive=True, weight="log_prob_cos", standardize=False, reduction="mean", valid=None):
     num_classes = s.shape[-1]
     lead = s.shape[:-1]
     s2, t2 = s.reshape(-1, num_classes), t.reshape(-1, num_classes)
@@ -81,13 +84,15 @@ def ref_pcd(s, t, *, temperature=4.0, stages=3, schedule="joint", progress=None,
             si, ti = ref_zscore(si), ref_zscore(ti)
         order = ref_order(si, ti, rank_by)
         if schedule == "joint":
-            fine_to_coarse = sum(ref_stage(si, ti, order, g, temperature, adaptive) for g in range(stages, 0, -1))
-            coarse_to_fine = sum(ref_stage(si, ti, order, g, temperature, adaptive) for g in range(1, stages + 1))
+            fine_to_coarse = sum(ref_stage(si, ti, order, g, temperature, adaptive, weight)
+                                 for g in range(stages, 0, -1))
+            coarse_to_fine = sum(ref_stage(si, ti, order, g, temperature, adaptive, weight)
+                                 for g in range(1, stages + 1))
             rows.append(fine_to_coarse + coarse_to_fine)
         else:
             phases = list(range(stages, 0, -1)) + list(range(1, stages + 1))
             p = min(math.floor(progress * 2 * stages), 2 * stages - 1)
-            rows.append(2 * stages * ref_stage(si, ti, order, phases[p], temperature, adaptive))
+            rows.append(2 * stages * ref_stage(si, ti, order, phases[p], temperature, adaptive, weight))
     row = torch.stack(rows)
     if reduction == "none":
         return row.reshape(lead)
@@ -136,6 +141,14 @@ def test_every_method_of_the_table_has_test_options():
     assert {"kd", "dkd", "dist", "pcd", "rkl", "jsd", "tvd"} <= set(DISTILLING)
 
 
+@pytest.fixture(params=["auto", "torch"])
+def backend(request):
+    """PCD's rows as the CPU runs them by default (selection and tiles), and the plain-torch rows (one sort)."""
+    losses.set_pcd_backend(request.param)
+    yield request.param
+    losses.set_pcd_backend("auto")
+
+
 @pytest.fixture(params=["one_chunk", "row_by_row"])
 def chunking(request, monkeypatch):
     """Run a test with all rows in one chunk, and with a budget so small that every row is its own chunk."""
@@ -165,6 +178,19 @@ def test_pcd_matches_reference(lead, C, K, rank_by, adaptive, chunking):
     torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("lead,C,K", [((4,), 10, 3), ((2, 3), 11, 7), ((6,), 100, 3), ((3,), 9, 9)])
+@pytest.mark.parametrize("rank_by", ["abs_diff", "teacher"])
+def test_pcd_prob_cos_weight_matches_reference(lead, C, K, rank_by, backend):
+    s, t = pair(lead + (C,), seed=C * 7 + K)
+    kw = dict(stages=K, rank_by=rank_by, weight="prob_cos")
+    got, g_got = value_and_grad(pcd_loss, s, t, **kw)
+    want, g_want = value_and_grad(ref_pcd, s, t, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+    other = pcd_loss(s, t, stages=K, rank_by=rank_by)  # the default weight is another number
+    assert abs(other.item() - got.item()) > 1e-6
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("rank_by", ["abs_diff", "teacher"])
 def test_pcd_ties_follow_lower_class_index(seed, rank_by, chunking):
@@ -175,6 +201,16 @@ def test_pcd_ties_follow_lower_class_index(seed, rank_by, chunking):
         want, g_want = value_and_grad(ref_pcd, s, t, rank_by=rank_by, **kw)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("rank_by", ["abs_diff", "teacher"])
+def test_pcd_torch_rows_ties_follow_lower_class_index(seed, rank_by):
+    losses.set_pcd_backend("torch")
+    try:
+        test_pcd_ties_follow_lower_class_index(seed, rank_by, "one_chunk")
+    finally:
+        losses.set_pcd_backend("auto")
 
 
 def explicit_groups_loss(s, t, groups, temperature=4.0):
@@ -266,7 +302,8 @@ def test_dkd_no_valid_row_gives_differentiable_zero():
 
 
 @pytest.mark.parametrize("kw", [dict(stages=3), dict(stages=4, adaptive=False), dict(stages=2, rank_by="teacher"),
-                                dict(stages=3, schedule="curriculum", progress=0.6), dict(stages=3, standardize=True)])
+                                dict(stages=3, schedule="curriculum", progress=0.6), dict(stages=3, standardize=True),
+                                dict(stages=3, weight="prob_cos")])
 def test_pcd_gradcheck(kw, chunking):
     s, t = pair((3, 8), seed=11)
     s.requires_grad_(True)
@@ -356,6 +393,78 @@ def test_stage_bounds_follow_tensor_split():
         for n in counts.tolist():
             sizes = [len(x) for x in torch.tensor_split(torch.arange(n), g)]
             assert got[n].tolist() == np.cumsum(sizes)[:-1].tolist(), (n, g)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two row implementations: selection and tiles (CPU default), one sort and scatters (plain torch)
+# ----------------------------------------------------------------------------------------------
+def test_selection_and_sort_rows_agree_on_every_rule():
+    """``_pcd_cpu.pcd_rows_cpu`` (selection, tiles) against ``_pcd_rows.pcd_rows`` (sort, scatters): every
+    option and rule at once, float64 and float32 (whose keys go through the int64 partition)."""
+    from pcdistill.losses._pcd_cpu import pcd_rows_cpu
+    for C, groups in ((37, [1, 2, 3]), (9, [5]), (64, [1, 2, 3, 4, 5, 6, 7]), (6, list(range(1, 7)))):
+        for rank_by, adaptive, weight, dtype in [("abs_diff", True, "log_prob_cos", torch.float64),
+                                                 ("teacher", True, "prob_cos", torch.float64),
+                                                 ("none", False, "log_prob_cos", torch.float64),
+                                                 ("abs_diff", True, "prob_cos", torch.float32),
+                                                 ("teacher", True, "log_prob_cos", torch.float32)]:
+            s, t = (x.to(dtype) for x in special_rows(C, C))
+            for rows in (slice(None), slice(0, 2)):  # masked rows, and rows that all share one layout
+                args = (s[rows], t[rows], groups, 2.0, 3.0, adaptive, rank_by, True, weight)
+                want, g_want = kernel.pcd_rows(*args)
+                got, g_got = pcd_rows_cpu(*args)
+                tol = dict(rtol=1e-11, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-5)
+                torch.testing.assert_close(got, want, equal_nan=True, **tol)
+                torch.testing.assert_close(g_got, g_want, equal_nan=True, **tol)
+    got = pcd_rows_cpu(s, t, [1, 2], 2.0, 3.0, True, "abs_diff", False)
+    assert got[1] is None and got[0].isposinf()[5] and got[0][6:].isnan().all()
+
+
+def test_selection_groups_classes_as_the_stable_sort():
+    """float32 keys with many ties, -0.0 and absent classes: the partition puts each class in the atom the
+    stable descending sort (ties to the lower class index) puts it in."""
+    from pcdistill.losses._pcd_cpu import _plan, class_order
+    g = torch.Generator().manual_seed(3)
+    key = torch.randint(-3, 4, (7, 50), generator=g).float()
+    key[key == 0] = torch.where(torch.rand(int((key == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
+    key[1:4][torch.rand(3, 50, generator=g) < 0.4] = NEG  # absent classes: other live counts per row
+    n = (key > NEG).sum(-1)
+    plan = _plan(n, 50, (2, 3, 5))
+    cuts = plan.atoms.cuts
+    ints = kernel.sortable(key)
+    order = class_order(ints, plan)
+    want = torch.sort(ints, dim=-1, descending=True, stable=True).indices
+    for r in range(7):
+        bounds = [0] + cuts[r].tolist() + [50]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            assert sorted(order[r, a:b].tolist()) == sorted(want[r, a:b].tolist()), (r, a, b)
+
+
+def test_stages_combined_in_blocks_give_the_same_result(monkeypatch):
+    s, t = special_rows(20, 1)
+    args = (s, t, [1, 2, 3, 4, 5], 2.0, 4.0, True, "abs_diff", True)
+    whole = kernel.pcd_rows(*args)
+    monkeypatch.setattr(kernel, "COMBINE_CELLS", 40)  # one or two stages at a time
+    blocks = kernel.pcd_rows(*args)
+    for a, b in zip(whole, blocks):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-13, atol=1e-13)
+
+
+def test_backend_choice():
+    """CPU: selection and tiles by default; the plain-torch rows when asked, and for the Triton backend's
+    weight="prob_cos" (the kernel sums what the default weight needs only). Never Triton unless asked."""
+    cpu = torch.device("cpu")
+    assert pcd_module._row_function(cpu, 10, [1, 2, 3], True, "log_prob_cos")[0].__name__ == "cpu_rows"
+    try:
+        losses.set_pcd_backend("torch")
+        assert pcd_module._row_function(cpu, 10, [1, 2, 3], True, "log_prob_cos")[0] is kernel.pcd_rows
+        losses.set_pcd_backend("triton")
+        assert pcd_module._row_function(cpu, 10, [1, 2, 3], True, "prob_cos")[0] is kernel.pcd_rows
+        assert pcd_module._row_function(cpu, 4, [1, 2, 3, 4], True, "log_prob_cos")[0] is kernel.pcd_rows
+    finally:
+        losses.set_pcd_backend("auto")
+    with pytest.raises(ValueError, match="weight"):
+        pcd_loss(*pair((2, 5), 0), weight="prob")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -642,7 +751,7 @@ def test_valid_edge_shapes_do_not_crash(shape, K):
 NEG = float("-inf")
 
 
-def ref_group_terms(s, t, temperature):
+def ref_group_terms(s, t, temperature, weight="log_prob_cos"):
     """KL and adaptive weight of one group by the rules: teacher -inf is probability 0 (0 log 0 = 0)."""
     if torch.isneginf(t).all():  # no teacher mass in the group: every class contributes 0
         return s.new_zeros(()), s.new_ones(())
@@ -650,7 +759,8 @@ def ref_group_terms(s, t, temperature):
     log_q_t = torch.log_softmax(t / temperature, 0)
     log_q_s = torch.log_softmax(s / temperature, 0)
     kl = temperature**2 * torch.where(q_t > 0, q_t * (log_q_t - log_q_s), 0.0).sum()
-    cos = (q_t * log_q_s).sum() / (q_t.norm().clamp_min(1e-8) * log_q_s.norm().clamp_min(1e-8))
+    v = log_q_s if weight == "log_prob_cos" else log_q_s.exp()
+    cos = (q_t * v).sum() / (q_t.norm().clamp_min(1e-8) * v.norm().clamp_min(1e-8))
     return kl, 1 - cos
 
 
@@ -664,7 +774,7 @@ def ref_masked_key(s, t, rank_by):
     return [-c for c in range(s.numel())]
 
 
-def ref_pcd_masked_row(s, t, stages, temperature=4.0, rank_by="abs_diff", adaptive=True):
+def ref_pcd_masked_row(s, t, stages, temperature=4.0, rank_by="abs_diff", adaptive=True, weight="log_prob_cos"):
     """One row by METHOD.md's masking rules, written literally: slice, rank, tensor_split, sum."""
     if torch.isnan(s).any() or torch.isnan(t).any():
         return s.new_tensor(math.nan)
@@ -679,7 +789,7 @@ def ref_pcd_masked_row(s, t, stages, temperature=4.0, rank_by="abs_diff", adapti
         for group in torch.tensor_split(torch.tensor(order, dtype=torch.long), g):
             if group.numel() < 2:
                 continue
-            kl, w = ref_group_terms(s[group], t[group], temperature)
+            kl, w = ref_group_terms(s[group], t[group], temperature, weight)
             total = total + (w if adaptive else 1.0) * kl
     return 2 * total
 
@@ -704,7 +814,7 @@ def ref_rows_value_and_grad(ref_row, s, t):
 @pytest.mark.parametrize("C,K", [(12, 3), (9, 5), (30, 7), (6, 6)])
 @pytest.mark.parametrize("rank_by", ["abs_diff", "teacher", "none"])
 @pytest.mark.parametrize("adaptive", [True, False])
-def test_pcd_masked_classes_equal_sliced_rows(C, K, rank_by, adaptive, chunking):
+def test_pcd_masked_classes_equal_sliced_rows(C, K, rank_by, adaptive, chunking, backend):
     s, t = masked_pair(8, C, seed=C + K)
     s[0, :] = NEG  # a row with no live class
     t[0, :] = NEG
@@ -713,6 +823,17 @@ def test_pcd_masked_classes_equal_sliced_rows(C, K, rank_by, adaptive, chunking)
     got, g_got = value_and_grad(pcd_loss, s, t, reduction="none", **kw)
     want, g_want = ref_rows_value_and_grad(lambda a, b: ref_pcd_masked_row(a, b, **kw), s, t)
     assert got[0] == 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("C,K", [(12, 3), (30, 7)])
+def test_pcd_prob_cos_masked_classes_equal_sliced_rows(C, K, backend):
+    s, t = masked_pair(8, C, seed=C * K)
+    s[1, : C - 2], t[1, : C - 2] = NEG, NEG
+    kw = dict(stages=K, weight="prob_cos")
+    got, g_got = value_and_grad(pcd_loss, s, t, reduction="none", **kw)
+    want, g_want = ref_rows_value_and_grad(lambda a, b: ref_pcd_masked_row(a, b, **kw), s, t)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-10)
 

@@ -17,6 +17,7 @@ import torch
 
 import pcdistill
 from pcdistill.losses._pcd_rows import pcd_rows
+from tests.helpers import special_rows
 
 pytest.importorskip("triton")
 
@@ -29,26 +30,6 @@ torch.save([pcd_rows_triton(c["s"], c["t"], **c["options"]) for c in cases], sys
 
 JOINT3 = [3, 2, 1, 1, 2, 3]  # schedule="joint", stages=3
 JOINT5 = [5, 4, 3, 2, 1, 1, 2, 3, 4, 5]
-
-
-def special_rows(C: int, seed: int):
-    """8 rows: random, small-integer ties (with -0.0), masked classes, teacher-only -inf, fewer live classes
-    than groups, student-only -inf (+inf row), NaN, +inf."""
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(8, C, generator=g, dtype=torch.float64) * 3
-    t = torch.randn(8, C, generator=g, dtype=torch.float64) * 3
-    ints = torch.randint(-2, 3, (2, 2, C), generator=g).double()
-    s[1:3], t[1:3] = ints[0], ints[1]
-    t[1, ::3] = -t[1, ::3]  # zeros become -0.0, which ties with 0.0
-    masked = torch.rand(C, generator=g) < 0.3
-    s[2, masked], t[2, masked] = float("-inf"), float("-inf")
-    t[3, 1::4] = float("-inf")
-    s[3, ::7], t[3, ::7] = float("-inf"), float("-inf")
-    s[4, 3:], t[4, 3:] = float("-inf"), float("-inf")  # 3 live classes
-    s[5, C // 2] = float("-inf")
-    t[6, C - 1] = float("nan")
-    s[7, 0] = float("inf")
-    return s, t
 
 
 def case(C, stage_groups, rank_by, adaptive, dtype=torch.float64, block=None, want_grad=True, seed=0,

@@ -50,6 +50,7 @@ ABLATIONS = [  # on fashion_mnist_pairs, against "pcd" (K=3, abs_diff, adaptive,
     Variant("pcd rank=teacher", "pcd", {"temperature": 4.0, "stages": 3, "rank_by": "teacher"}),
     Variant("pcd rank=none", "pcd", {"temperature": 4.0, "stages": 3, "rank_by": "none"}),
     Variant("pcd not adaptive", "pcd", {"temperature": 4.0, "stages": 3, "adaptive": False}),
+    Variant("pcd prob_cos", "pcd", {"temperature": 4.0, "stages": 3, "weight": "prob_cos"}),
 ]
 
 

@@ -164,7 +164,8 @@ def prepare_rows(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor | None, c
                  dtype: torch.dtype):
     """A chunk of rows in the compute dtype: invalid rows zeroed (padding, even NaN, cannot leak) and
     classes outside ``class_mask`` set to ``-inf`` in both (absent)."""
-    s, t = s.to(dtype), t.to(dtype)
+    if s.dtype != dtype or t.dtype != dtype:
+        s, t = s.to(dtype), t.to(dtype)
     if valid is not None:
         keep = valid.unsqueeze(-1)
         s, t = torch.where(keep, s, 0.0), torch.where(keep, t, 0.0)
@@ -174,9 +175,10 @@ def prepare_rows(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor | None, c
 
 
 def log_softmax_rows(z: torch.Tensor) -> torch.Tensor:
-    """``log_softmax`` over the last dim; a row of only ``-inf`` gives ``-inf`` (probability 0), not NaN."""
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    return z - torch.where(torch.isneginf(lse), 0.0, lse)
+    """``log_softmax`` over the last dim; a row of only ``-inf`` gives ``-inf`` (probability 0), not NaN.
+
+    A fresh tensor (written in place here), for the closed-form row functions: not for autograd."""
+    return torch.log_softmax(z, -1).masked_fill_(torch.isneginf(z.amax(-1, keepdim=True)), float("-inf"))
 
 
 def xlogy_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

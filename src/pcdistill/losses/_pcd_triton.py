@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pcd_rows import atom_cuts, combine_atoms, finish_loss
+from ._pcd_rows import atom_cuts, atom_layout, combine_atoms, finish_loss
 
 RANK_CODES = {"abs_diff": 0, "teacher": 1, "none": 2}
 DIGIT = 4  # bits of the threshold found per selection pass
@@ -287,8 +287,14 @@ def _boundary_table(groups: tuple[int, ...], device: torch.device) -> torch.Tens
 
 
 def pcd_rows_triton(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: float, temperature: float,
-                    adaptive: bool, rank_by: str, want_grad: bool, *, block: int | None = None):
-    """``pcd_rows`` with the per-row passes in Triton (``block``: classes per step, a power of two)."""
+                    adaptive: bool, rank_by: str, want_grad: bool, weight: str = "log_prob_cos", *,
+                    block: int | None = None):
+    """``pcd_rows`` with the per-row passes in Triton (``block``: classes per step, a power of two).
+
+    The kernel sums what the default weight needs; ``weight="prob_cos"`` is refused (``pcd.py`` runs the torch rows).
+    """
+    if adaptive and weight != "log_prob_cos":
+        raise ValueError(f"the Triton PCD kernel computes weight='log_prob_cos' only; got weight={weight!r}")
     rows, num_classes = s.shape
     s, t = s.contiguous(), t.contiguous()
     dev, dtype = s.device, s.dtype
@@ -316,11 +322,13 @@ def pcd_rows_triton(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], f
                                  BITS=64 if is64 else 32, DIGIT=DIGIT, RADIX=2**DIGIT, **meta)
 
     n = n.long()
-    loss, coef = combine_atoms(maxima[:, 0, :atoms], maxima[:, 1, :atoms], sums[:, :, :atoms], atom_cuts(n, groups),
-                               n, stage_groups, temperature, adaptive, want_grad)
+    layout = atom_layout(atom_cuts(n, groups, num_classes), n, stage_groups)
+    loss, coef = combine_atoms(maxima[:, :, :atoms].transpose(0, 1), sums[:, :, :atoms].transpose(0, 1), layout,
+                               stage_groups, temperature, adaptive, weight, want_grad)
     loss = finish_loss(loss, (flags & 1) != 0, (flags & 2) != 0, factor, dtype)
     if not want_grad:
         return loss, None
+    coef = torch.cat([coef, coef.new_zeros(4, rows, 1)], -1)  # the dump atom of absent classes
     grad = torch.empty_like(s)
     if rows:
         _grad_kernel[(rows,)](s, t, grad, num_classes, rows, params, flags, means, tau, slots, maxima,

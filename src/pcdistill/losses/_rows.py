@@ -54,10 +54,15 @@ def memory_budget(mib: float):
         set_memory_budget(previous)
 
 
+SPEED_CHUNK = 2**19  # logits per chunk at most, whatever the budget: larger chunks only add page faults
+
+
 def chunk_rows(rows: int, num_classes: int, dtype: torch.dtype, work_arrays: int) -> int:
-    """Rows per chunk so that ``work_arrays`` row-sized arrays of ``dtype`` fit the budget (at least 1)."""
-    per_row = num_classes * torch.finfo(dtype).bits // 8 * work_arrays
-    return max(1, min(rows, _budget_bytes // max(per_row, 1)))
+    """Rows per chunk so that ``work_arrays`` row-sized arrays of ``dtype`` fit the budget (at least 1), and
+    a chunk holds at most ``SPEED_CHUNK`` logits (freed and reallocated work arrays of a few MiB stay with the
+    process's allocator; arrays of hundreds of MiB go back to the OS and come back as page faults)."""
+    per_row = num_classes * dtype.itemsize * work_arrays
+    return max(1, min(rows, _budget_bytes // max(per_row, 1), SPEED_CHUNK // max(num_classes, 1)))
 
 
 # A row function: (s, t, extra, want_grad) -> (row_loss (R,), d row_loss / d s (R, C) or None),
@@ -100,45 +105,80 @@ class RowSpec:
     standardize: bool = False
 
 
+def _chunk(spec: RowSpec, student, teacher, valid, class_mask, dtype, extra, want_grad):
+    """Row losses and gradients of one chunk of rows (``valid``: the chunk's rows, or None)."""
+    s, t = prepare_rows(student, teacher, valid, class_mask, dtype)
+    z_s, z_t = (masked_standardize(s), masked_standardize(t)) if spec.standardize else (s, t)
+    loss, g = spec.fn(z_s, z_t, extra, want_grad)
+    if want_grad:
+        if spec.standardize:
+            g = standardize_backward(s, g)
+        if valid is not None:
+            g = torch.where(valid[:, None], g, 0.0)
+    return loss, g
+
+
 def rows_and_grads(student, teacher, spec: RowSpec, dtype: torch.dtype, valid=None, class_mask=None, extra=(),
                    want_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(N,)`` row losses of ``spec`` on ``(N, C)`` logits and, with ``want_grad``, each row loss's gradient
     w.r.t. its student row (``(N, C)``, in the student's dtype; zero on invalid rows), chunk by chunk."""
-    out = torch.empty(student.shape[0], dtype=dtype, device=student.device)
+    rows, num_classes = student.shape
+    step = chunk_rows(rows, num_classes, dtype, spec.work_arrays)
+    if 0 < rows <= step:  # one chunk: its results are the outputs
+        loss, g = _chunk(spec, student, teacher, valid, class_mask, dtype, extra, want_grad)
+        if want_grad and g.dtype != student.dtype:
+            g = g.to(student.dtype)
+        return loss if loss.dtype == dtype else loss.to(dtype), g
+    out = torch.empty(rows, dtype=dtype, device=student.device)
     grad = torch.empty_like(student) if want_grad else None
-    for start, stop, s, t in prepared_chunks(student, teacher, valid, class_mask, dtype, spec.work_arrays):
-        z_s, z_t = (masked_standardize(s), masked_standardize(t)) if spec.standardize else (s, t)
-        loss, g = spec.fn(z_s, z_t, tuple(x[start:stop] for x in extra), want_grad)
-        out[start:stop] = loss
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        keep = None if valid is None else valid[start:stop]
+        out[start:stop], g = _chunk(spec, student[start:stop], teacher[start:stop], keep, class_mask, dtype,
+                                    tuple(x[start:stop] for x in extra), want_grad)
         if want_grad:
-            if spec.standardize:
-                g = standardize_backward(s, g)
-            if valid is not None:
-                g = torch.where(valid[start:stop, None], g, 0.0)
             grad[start:stop] = g
     return out, grad
 
 
 class RowLoss(torch.autograd.Function):
-    """Per-row losses of a :class:`RowSpec` over ``(N, C)`` logits (:func:`rows_and_grads`); gradients to the
-    student only, formed in the forward pass and scaled by the incoming per-row weights in backward."""
+    """Losses of a :class:`RowSpec` over ``(N, C)`` logits (:func:`rows_and_grads`), per row (``"none"``) or
+    reduced (``"sum"``, ``"mean"`` over the valid rows); gradients to the student only, formed in the forward
+    pass and scaled by the incoming gradient in backward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, spec: RowSpec, dtype, valid, class_mask, *extra):
+    def forward(ctx, student, teacher, spec: RowSpec, dtype, valid, class_mask, reduction, *extra):
         want_grad = ctx.needs_input_grad[0]
         out, grad = rows_and_grads(student, teacher, spec, dtype, valid, class_mask, extra, want_grad)
+        if valid is not None:
+            out = torch.where(valid, out, 0.0)
+        ctx.reduction, ctx.count = reduction, 1
+        if reduction == "sum" or (reduction == "mean" and valid is None and out.numel() == 0):
+            out = out.sum()
+        elif reduction == "mean":  # a python divisor where it can be: no host-to-device copy
+            ctx.count = out.numel() if valid is None else valid.sum().to(dtype).clamp_min(1)
+            out = out.mean() if valid is None else out.sum() / ctx.count
         if want_grad:
             ctx.save_for_backward(grad)
         return out
 
     @staticmethod
-    def backward(ctx, grad_rows):
+    def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        student_grad = grad * grad_rows.unsqueeze(-1).to(grad.dtype)
-        return (student_grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
+        scale = grad_out.unsqueeze(-1) if ctx.reduction == "none" else grad_out / ctx.count
+        if scale.dtype != grad.dtype:
+            scale = scale.to(grad.dtype)
+        return (grad * scale,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 def row_losses(student: torch.Tensor, teacher: torch.Tensor, spec: RowSpec, *, dtype: torch.dtype, valid=None,
                class_mask=None, extra: tuple = ()) -> torch.Tensor:
     """``(N,)`` row losses of ``spec`` on ``(N, C)`` logits; the teacher is detached (a target, never trained)."""
-    return RowLoss.apply(student, teacher.detach(), spec, dtype, valid, class_mask, *extra)
+    return RowLoss.apply(student, teacher.detach(), spec, dtype, valid, class_mask, "none", *extra)
+
+
+def reduced_row_losses(student: torch.Tensor, teacher: torch.Tensor, spec: RowSpec, *, dtype: torch.dtype,
+                       reduction: str, leading: torch.Size, valid=None, class_mask=None, extra: tuple = ()):
+    """The loss of ``spec`` on ``(N, C)`` logits reduced as ``reduce_rows`` does (``"none"``: the leading shape)."""
+    out = RowLoss.apply(student, teacher, spec, dtype, valid, class_mask, reduction, *extra)  # teacher: flat_rows detached it
+    return out.reshape(leading) if reduction == "none" else out

@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 
 from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_class_mask, check_logits,
-                      check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows, reduce_rows,
-                      xlogy_diff)
-from ._rows import RowSpec, row_losses
+                      check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows)
+from ._rows import RowSpec, reduced_row_losses
 
 
 def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
@@ -14,8 +13,9 @@ def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: boo
     log_p_s = log_softmax_rows(s / temperature)
     log_p_t = log_softmax_rows(t / temperature)
     p_t = log_p_t.exp()
-    loss = xlogy_diff(p_t, log_p_t, log_p_s).sum(-1) * temperature**2
-    grad = (log_p_s.exp() - p_t) * temperature if want_grad else None
+    log_ratio = log_p_t.sub_(log_p_s).masked_fill_(p_t == 0, 0.0)  # 0 log 0 = 0, as F.kl_div; NaN stays NaN
+    loss = torch.linalg.vecdot(log_ratio, p_t) * temperature**2
+    grad = log_p_s.exp_().sub_(p_t).mul_(temperature) if want_grad else None
     return loss, grad
 
 
@@ -56,8 +56,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     mask = check_valid(valid, leading, student_logits.device)
     classes = check_class_mask(class_mask, num_classes, student_logits.device)
     s, t = flat_rows(student_logits, teacher_logits)
-    row = row_losses(s, t, spec, dtype=compute_dtype(s, t), valid=mask, class_mask=classes)
-    return reduce_rows(row, mask, reduction, leading)
+    return reduced_row_losses(s, t, spec, dtype=compute_dtype(s, t), reduction=reduction, leading=leading, valid=mask,
+                              class_mask=classes)
 
 
 class KDLoss(LossModule):

@@ -1,7 +1,9 @@
 """Progressive Class-level Distillation (PCD), as specified in the project's METHOD.md.
 
 Li, Li, Zhang, Xu, "Progressive Class-level Distillation", arXiv 2505.24310 (2025).
-The maths is in :func:`pcd_loss`'s docstring; the per-row computation lives in ``_pcd_rows``.
+The maths is in :func:`pcd_loss`'s docstring; the per-row computation lives in ``_pcd_cpu`` (the CPU's
+default: selection and tiles) and ``_pcd_rows`` (plain torch: one sort, scatters), with the combination
+of every stage's groups shared by both (and by the Triton kernel of ``_pcd_triton``, used when asked for).
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import torch
 from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_class_mask, check_logits,
                       check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows,
                       masked_standardize, reduce_rows, xlogy_diff)
-from ._pcd_rows import COS_EPS, WORK_ARRAYS, pcd_rows
-from ._rows import RowSpec, prepared_chunks, row_losses, standardize_backward
+from ._pcd_rows import COS_EPS, WEIGHTS, WORK_ARRAYS, pcd_rows
+from ._rows import RowSpec, prepared_chunks, reduced_row_losses, standardize_backward
 
 SCHEDULES = ("joint", "curriculum")
 RANK_BY = ("abs_diff", "teacher", "none")
@@ -117,26 +119,38 @@ _backend = os.environ.get("PCDISTILL_PCD_BACKEND", "auto")
 
 
 def set_pcd_backend(name: str) -> None:
-    """PCD's per-row computation: ``"auto"`` (Triton on CUDA in eager mode, else torch), ``"torch"`` or ``"triton"``."""
+    """PCD's per-row computation.
+
+    ``"auto"`` (default): on the CPU the selection-and-tiles rows of ``_pcd_cpu`` (a custom op), elsewhere the
+    plain-torch rows of ``_pcd_rows`` (one stable sort; traceable, no host sync). ``"torch"``: the plain-torch
+    rows everywhere. ``"triton"``: the Triton kernel of ``_pcd_triton`` (tested under ``TRITON_INTERPRET=1``
+    only, not yet on a GPU: ``bench/gpu.sh`` runs that check); for ``weight="prob_cos"`` and for ``K`` near
+    ``C`` it runs the plain-torch rows. Also set by ``PCDISTILL_PCD_BACKEND``.
+    """
     global _backend
     check_choice("backend", name, BACKENDS)
     _backend = name
 
 
-def _row_function(device: torch.device, num_classes: int, stage_groups: list[int]):
-    """The Triton kernel on CUDA (eager, where triton imports), else the plain-torch rows of ``_pcd_rows``."""
-    few_atoms = sum(g - 1 for g in set(stage_groups)) < num_classes  # K near C: rank positions as atoms
-    wanted = _backend == "triton" or (_backend == "auto" and device.type == "cuda"
-                                      and not torch.compiler.is_compiling())
-    if wanted and few_atoms:
-        try:
+def _row_function(device: torch.device, num_classes: int, stage_groups: list[int], adaptive: bool, weight: str):
+    """The row function for the current backend and its work arrays (see :func:`set_pcd_backend`)."""
+    if _backend == "triton":
+        few_atoms = sum(g - 1 for g in set(stage_groups)) < num_classes  # else rank positions as atoms
+        if few_atoms and not (adaptive and weight == "prob_cos"):
             from ._pcd_triton import pcd_rows_triton
-        except ImportError:
-            if _backend == "triton":
-                raise
-        else:
-            return pcd_rows_triton
-    return pcd_rows
+            return pcd_rows_triton, WORK_ARRAYS
+    elif _backend == "auto" and device.type == "cpu":
+        from ._pcd_cpu import WORK_ARRAYS as CPU_WORK_ARRAYS
+        from ._pcd_cpu import pcd_rows_cpu, pcd_rows_op
+
+        def cpu_rows(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight):
+            if not torch.compiler.is_compiling():  # the op is for the graph; eager skips its dispatch
+                return pcd_rows_cpu(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
+            loss, grad = pcd_rows_op(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
+            return loss, grad if want_grad else None
+
+        return cpu_rows, CPU_WORK_ARRAYS
+    return pcd_rows, WORK_ARRAYS
 
 
 def _check_stages(stages, num_classes: int) -> int:
@@ -166,34 +180,37 @@ def _check_options(temperature, schedule, progress, rank_by, variant, reduction)
     return temperature, progress
 
 
-def _check_all(num_classes, temperature, stages, schedule, progress, rank_by, adaptive, standardize, variant):
+def _check_all(num_classes, temperature, stages, schedule, progress, rank_by, adaptive, standardize, variant,
+               weight="log_prob_cos"):
     """(stages, temperature, progress) checked, for ``num_classes`` classes."""
     stages = _check_stages(stages, num_classes)
     temperature, progress = _check_options(temperature, schedule, progress, rank_by, variant, "mean")
     check_bool("adaptive", adaptive)
     check_bool("standardize", standardize)
+    check_choice("weight", weight, WEIGHTS)
     return stages, temperature, progress
 
 
 def pcd_row_spec(num_classes: int, device: torch.device, *, temperature: float = 4.0, stages: int = 3,
                  schedule: str = "joint", progress: float | None = None, rank_by: str = "abs_diff",
-                 adaptive: bool = True, standardize: bool = False) -> RowSpec:
+                 adaptive: bool = True, weight: str = "log_prob_cos", standardize: bool = False) -> RowSpec:
     """:func:`pcd_loss` (the paper variant) as rows over ``num_classes`` classes on ``device`` (options checked)."""
     stages, temperature, progress = _check_all(num_classes, temperature, stages, schedule, progress, rank_by,
-                                               adaptive, standardize, "paper")
+                                               adaptive, standardize, "paper", weight)
     stage_groups, factor = stage_sequence(stages, schedule, progress)
-    fn = _row_function(torch.device(device), num_classes, stage_groups)
+    fn, work_arrays = _row_function(torch.device(device), num_classes, stage_groups, adaptive, weight)
 
     def rows(s, t, extra, want_grad):
-        return fn(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad)
+        return fn(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
 
-    return RowSpec(rows, work_arrays=WORK_ARRAYS, standardize=standardize)
+    return RowSpec(rows, work_arrays=work_arrays, standardize=standardize)
 
 
 def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 4.0,
              stages: int = 3, schedule: str = "joint", progress: float | None = None, rank_by: str = "abs_diff",
-             adaptive: bool = True, standardize: bool = False, variant: str = "paper", reduction: str = "mean",
-             valid: torch.Tensor | None = None, class_mask: torch.Tensor | None = None) -> torch.Tensor:
+             adaptive: bool = True, weight: str = "log_prob_cos", standardize: bool = False, variant: str = "paper",
+             reduction: str = "mean", valid: torch.Tensor | None = None,
+             class_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Progressive Class-level Distillation loss.
 
     Li, Li, Zhang, Xu, "Progressive Class-level Distillation", arXiv 2505.24310 (2025), as defined by
@@ -205,7 +222,9 @@ def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temp
     2. A stage with ``g`` groups splits the ordered classes into ``g`` contiguous chunks of the sizes of
        ``torch.tensor_split(range(C), g)``.
     3. ``KL_G = T^2 * sum_{c in G} q_t,c (log q_t,c - log q_s,c)`` with ``q = softmax(z_G / T)`` within the group.
-    4. ``w_G = 1 - cos(q_t, log q_s)`` (``adaptive=True``; eps 1e-8 clamps each norm; not detached), else 1.
+    4. ``adaptive=True``: ``w_G = 1 - cos(q_t, log q_s)`` (``weight="log_prob_cos"``, the released code's) or
+       ``1 - cos(q_t, q_s)`` (``weight="prob_cos"``, the two probability vectors); eps 1e-8 clamps each norm;
+       not detached. ``adaptive=False``: ``w_G = 1``.
     5. ``L_g = sum_G w_G KL_G``.
     6. ``schedule="joint"``: ``L = 2 * sum_{g=1..K} L_g`` (fine-to-coarse plus coarse-to-fine every step).
        ``schedule="curriculum"``: phases ``[K, ..., 1, 1, ..., K]`` of equal length over ``progress`` in
@@ -215,7 +234,7 @@ def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temp
 
     ``variant="released"`` reproduces the authors' public code instead:
     ``2 K T^2 KL_batchmean(softmax over all classes) * mean_rows(1 - cos(p_t, log p_s))``; ``rank_by``,
-    ``adaptive`` and ``schedule`` do not apply. With ``reduction="none"`` it returns
+    ``adaptive``, ``weight`` and ``schedule`` do not apply. With ``reduction="none"`` it returns
     ``2 K T^2 KL_i * mean(1 - cos)`` per row, whose mean is the released loss.
 
     Gradients flow to ``student_logits`` only. Half-precision inputs are computed in float32.
@@ -229,13 +248,13 @@ def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temp
     s, t = flat_rows(student_logits, teacher_logits)
     if variant == "released":  # the paper path's options are checked by pcd_row_spec
         stages, temperature, _ = _check_all(num_classes, temperature, stages, schedule, progress, rank_by, adaptive,
-                                            standardize, variant)
+                                            standardize, variant, weight)
         keep = mask if mask is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
         return _released_loss(s, t, keep, classes, standardize, temperature, stages, mask, reduction, leading)
     spec = pcd_row_spec(num_classes, s.device, temperature=temperature, stages=stages, schedule=schedule,
-                        progress=progress, rank_by=rank_by, adaptive=adaptive, standardize=standardize)
-    row = row_losses(s, t, spec, dtype=compute_dtype(s, t), valid=mask, class_mask=classes)
-    return reduce_rows(row, mask, reduction, leading)
+                        progress=progress, rank_by=rank_by, adaptive=adaptive, weight=weight, standardize=standardize)
+    return reduced_row_losses(s, t, spec, dtype=compute_dtype(s, t), reduction=reduction, leading=leading, valid=mask,
+                              class_mask=classes)
 
 
 class PCDLoss(LossModule):
@@ -248,16 +267,18 @@ class PCDLoss(LossModule):
     needs_progress = True
 
     def __init__(self, *, temperature: float = 4.0, stages: int = 3, schedule: str = "joint",
-                 rank_by: str = "abs_diff", adaptive: bool = True, standardize: bool = False,
-                 variant: str = "paper", reduction: str = "mean"):
+                 rank_by: str = "abs_diff", adaptive: bool = True, weight: str = "log_prob_cos",
+                 standardize: bool = False, variant: str = "paper", reduction: str = "mean"):
         super().__init__()
         if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
             raise ValueError(f"stages must be an int >= 1; got {stages!r}")
         _check_options(temperature, schedule, 0.0, rank_by, variant, reduction)
         check_bool("adaptive", adaptive)
+        check_choice("weight", weight, WEIGHTS)
         check_bool("standardize", standardize)
         self.kwargs = dict(temperature=temperature, stages=stages, schedule=schedule, rank_by=rank_by,
-                           adaptive=adaptive, standardize=standardize, variant=variant, reduction=reduction)
+                           adaptive=adaptive, weight=weight, standardize=standardize, variant=variant,
+                           reduction=reduction)
 
     def forward(self, student_logits, teacher_logits, *, progress=None, valid=None, class_mask=None):
         return pcd_loss(student_logits, teacher_logits, progress=progress, valid=valid, class_mask=class_mask,
