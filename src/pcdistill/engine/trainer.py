@@ -216,17 +216,19 @@ def _train(cfg: Config, out_dir: Path, ctx: distributed.Context, checkpoint: dic
         run.records.truncate(start_epoch)
 
     run_start = time.perf_counter()
-    for epoch in range(start_epoch, run.epochs):
-        epoch_start = time.perf_counter()
-        resumed = epoch == start_epoch
-        losses = train_one_epoch(run, epoch, start_batch if resumed else 0, partial if resumed else None)
-        end_of_epoch(run, epoch, losses, epoch_start)
+    try:
+        for epoch in range(start_epoch, run.epochs):
+            epoch_start = time.perf_counter()
+            resumed = epoch == start_epoch
+            losses = train_one_epoch(run, epoch, start_batch if resumed else 0, partial if resumed else None)
+            end_of_epoch(run, epoch, losses, epoch_start)
+    finally:
+        run.records.close()
 
     if ctx.is_main:
         export_weights(run.student, out_dir / "model.safetensors", run.task.metadata | {"pcdistill": __version__})
         if run.task.export is not None:
             run.task.export(run.student, out_dir)
-    run.records.close()
     distributed.barrier(ctx)
     return _summary(out_dir, run.task, time.perf_counter() - run_start, run.student)
 
