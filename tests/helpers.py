@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,8 +106,9 @@ def worker_env(env: dict | None = None) -> dict:
                          "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])} | (env or {})
 
 
-def init_process_group() -> None:
-    """In a worker of :func:`run_two_processes`: join the gloo group through the store file it was given."""
+def init_process_group(timeout: timedelta | None = None) -> None:
+    """In a worker of :func:`run_two_processes`: join the gloo group through the store file it was given
+    (``timeout``: how long a collective may wait for the other rank; gloo's default is 30 minutes)."""
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{os.environ['PCDISTILL_TEST_STORE']}",
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)

@@ -3,8 +3,10 @@ PCDISTILL_TEST_STORE is set): ``pcdistill train ARGS`` where rank 1's batch of g
 so that only that rank's loss is not finite."""
 import os
 import sys
+from datetime import timedelta
 
 import torch
+import torch.distributed
 
 from pcdistill import cli
 from pcdistill.engine import trainer
@@ -38,8 +40,12 @@ def build_task(cfg, ctx, build=trainer.build_task):
 
 
 if __name__ == "__main__":
+    # a rank left alone in a collective (the cross-rank check missing) fails after this, not after 30 minutes
+    wait = timedelta(seconds=30)
     if "PCDISTILL_TEST_STORE" in os.environ:
         from tests.helpers import init_process_group
-        init_process_group()
+        init_process_group(timeout=wait)
+    else:
+        torch.distributed.init_process_group("gloo", timeout=wait)  # torchrun's rendezvous, from the environment
     trainer.build_task = build_task
     raise SystemExit(cli.main(sys.argv[1:]))
