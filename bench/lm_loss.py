@@ -1,12 +1,15 @@
 """Language-model distillation loss: the fused output-layer loss against materialized logits.
 
-Per shape (tokens x hidden x vocabulary) and method (KD, PCD K=3, DKD), three ways to get the loss and
+Per shape (tokens x hidden x vocabulary) and method (KD, PCD K=3, DKD, RKL, JSD, TVD), three ways to get the loss and
 the student's gradients (hidden states and output weight) from the last hidden states:
 * fused: ``fused_linear_distill_loss`` (logits never built for all tokens at once);
 * unfused: logits materialized (``h @ W.T``, the teacher's under no_grad), our loss on them, as a
   user would call it;
 * torch KD by hand (KD only): ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True,
   reduction="batchmean") * T^2`` on the materialized logits.
+KD also runs as the causal-LM distiller calls it, with the cross-entropy (``ce_weight=1``): "unfused + CE"
+(materialized), "fused + CE" (one gradient for the total) and "fused + CE, parts apart" (``return_parts=True``,
+the distillation term and CE each with its own gradient, summed); these compare with "unfused + CE".
 Time: median forward+backward ms over rounds that alternate the variants (after one warm-up each).
 Memory: one forward+backward in a fresh subprocess (CPU: peak RSS growth, CUDA: max_memory_allocated
 growth; the returned gradients included), and what is still held once they are freed.
@@ -31,10 +34,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling benchmark, for its helpers
+import torch.nn.functional as F  # noqa: E402
 from loss_speed import DTYPES, T, _status_kib, describe_hardware, sync, textbook_kd  # noqa: E402
 
-from pcdistill.losses import (dkd_loss, fused_linear_distill_loss, kd_loss, memory_budget_mib,  # noqa: E402
-                              pcd_loss, set_memory_budget)
+from pcdistill.losses import (dkd_loss, fused_linear_distill_loss, jsd_loss, kd_loss, memory_budget_mib,  # noqa: E402
+                              pcd_loss, rkl_loss, set_memory_budget, tvd_loss)
 
 SHAPES = ["1024x512x128000:fp32", "2048x256x32000:fp32"]
 QUICK_SHAPES = ["64x32x500:fp32"]
@@ -42,8 +46,12 @@ METHODS = {  # name: (fused method, its options, the unfused loss on logits)
     "KD": ("kd", {}, lambda s, t, y: kd_loss(s, t, temperature=T)),
     "PCD K=3": ("pcd", {"stages": 3}, lambda s, t, y: pcd_loss(s, t, temperature=T, stages=3)),
     "DKD": ("dkd", {}, lambda s, t, y: dkd_loss(s, t, y, temperature=T)),
+    "RKL": ("rkl", {}, lambda s, t, y: rkl_loss(s, t, temperature=T)),
+    "JSD": ("jsd", {"beta": 0.5}, lambda s, t, y: jsd_loss(s, t, temperature=T, beta=0.5)),
+    "TVD": ("tvd", {}, lambda s, t, y: tvd_loss(s, t, temperature=T)),
 }
 TARGET_MEMORY, TARGET_TIME = 0.25, 1.3
+WITH_CE = ["unfused + CE", "fused + CE", "fused + CE, parts apart"]  # KD only
 
 
 def parse_shape(text: str):
@@ -68,13 +76,18 @@ def inputs(shape: str, device):
 
 def loss_of(method: str, variant: str, h_s, w_s, h_t, w_t, y):
     name, options, unfused = METHODS[method]
-    if variant == "fused":
-        return fused_linear_distill_loss(h_s, w_s, h_t, w_t, method=name, target=y if name == "dkd" else None,
-                                         temperature=T, **options)
+    ce = variant in WITH_CE
+    if variant.startswith("fused"):
+        out = fused_linear_distill_loss(h_s, w_s, h_t, w_t, method=name, target=y if name == "dkd" or ce else None,
+                                        ce_weight=float(ce), return_parts=variant.endswith("parts apart"),
+                                        temperature=T, **options)
+        return sum(out[1].values()) if isinstance(out, tuple) else out
     s = h_s @ w_s.T
     with torch.no_grad():
         t = h_t @ w_t.T
-    return textbook_kd(s, t, y) if variant == "torch KD by hand" else unfused(s, t, y)
+    if variant == "torch KD by hand":
+        return textbook_kd(s, t, y)
+    return unfused(s, t, y) + (F.cross_entropy(s, y) if ce else 0)
 
 
 def step(method: str, variant: str, x) -> torch.Tensor:
@@ -85,7 +98,12 @@ def step(method: str, variant: str, x) -> torch.Tensor:
 
 
 def variants_of(method: str) -> list[str]:
-    return ["fused", "unfused"] + (["torch KD by hand"] if method == "KD" else [])
+    return ["fused", "unfused"] + (["torch KD by hand"] + WITH_CE if method == "KD" else [])
+
+
+def baseline(variant: str) -> str:
+    """The materialized variant a row is compared with."""
+    return "unfused + CE" if variant in WITH_CE else "unfused"
 
 
 def probe(method: str, variant: str, shape: str, device_name: str) -> dict:
@@ -173,19 +191,22 @@ def main(argv=None) -> int:
             ms = {v: statistics.median(times[v]) for v in variants}
             mem = {v: None if args.no_memory else measure_memory(method, v, shape, device.type) for v in variants}
             for v in variants:
+                base = baseline(v)
                 cells = ["-"] * 3
                 if mem[v]:
-                    cells = [f"{mem[v]['peak'] / 2**20:.0f}", f"{mem[v]['peak'] / mem['unfused']['peak']:.3f}",
+                    cells = [f"{mem[v]['peak'] / 2**20:.0f}", f"{mem[v]['peak'] / mem[base]['peak']:.3f}",
                              f"{mem[v]['held'] / 2**20:.0f}"]
-                diff = abs(float(values[v]) - float(values["unfused"])) / max(abs(float(values["unfused"])), 1e-30)
-                print(f"| {shape} | {method} | {v} | {ms[v]:.1f} | {ms[v] / ms['unfused']:.2f} | "
+                diff = abs(float(values[v]) - float(values[base])) / max(abs(float(values[base])), 1e-30)
+                print(f"| {shape} | {method} | {v} | {ms[v]:.1f} | {ms[v] / ms[base]:.2f} | "
                       + " | ".join(cells) + f" | {diff:.1e} |", flush=True)
-            checks.append((f"{shape} {method}: time fused / unfused <= {TARGET_TIME}", ms["fused"] / ms["unfused"],
-                           ms["fused"] <= TARGET_TIME * ms["unfused"]))
-            if mem["fused"]:
-                ratio = mem["fused"]["peak"] / mem["unfused"]["peak"]
-                checks.append((f"{shape} {method}: memory fused / unfused <= {TARGET_MEMORY}", ratio,
-                               ratio <= TARGET_MEMORY))
+            for v in [v for v in variants if v in ("fused", "fused + CE")]:
+                base = baseline(v)
+                checks.append((f"{shape} {method}: time {v} / {base} <= {TARGET_TIME}", ms[v] / ms[base],
+                               ms[v] <= TARGET_TIME * ms[base]))
+                if mem[v]:
+                    ratio = mem[v]["peak"] / mem[base]["peak"]
+                    checks.append((f"{shape} {method}: memory {v} / {base} <= {TARGET_MEMORY}", ratio,
+                                   ratio <= TARGET_MEMORY))
         del x
         gc.collect()
     print("\n## targets\n")

@@ -30,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pcdistill.losses import dist_loss, dkd_loss, kd_loss, pcd_loss, set_pcd_backend
+from pcdistill.losses import dist_loss, dkd_loss, jsd_loss, kd_loss, pcd_loss, rkl_loss, set_pcd_backend, tvd_loss
 
 T = 4.0
 SHAPES = ["256x1000:fp32", "1024x1000:fp32", "128x32000:fp32", "4096x32000:bf16", "512x128000:fp32",
@@ -53,6 +53,9 @@ METHODS = {
     "PCD curriculum": lambda s, t, y: pcd_loss(s, t, temperature=T, stages=3, schedule="curriculum", progress=0.3),
     "PCD released": lambda s, t, y: pcd_loss(s, t, temperature=T, stages=3, variant="released"),
     "DIST": lambda s, t, y: dist_loss(s, t),
+    "RKL": lambda s, t, y: rkl_loss(s, t, temperature=T),
+    "JSD": lambda s, t, y: jsd_loss(s, t, temperature=T, beta=0.5),
+    "TVD": lambda s, t, y: tvd_loss(s, t, temperature=T),
     "PCD K=3 (torch rows)": lambda s, t, y: _torch_rows(lambda: pcd_loss(s, t, temperature=T, stages=3)),
 }
 

@@ -48,8 +48,8 @@ def test_lm_bench_runs_every_method_and_its_fused_value_equals_unfused(capsys, m
     for method in bench.METHODS:
         for variant in bench.variants_of(method):
             row = next(line for line in out.splitlines() if line.startswith(f"| 6x4x40:fp32 | {method} | {variant} |"))
-            if variant == "fused":
-                assert float(row.rstrip(" |").rsplit("|", 1)[1]) < 1e-5  # relative difference to unfused
+            if variant.startswith("fused"):  # relative difference to unfused (with CE: to unfused + CE)
+                assert float(row.rstrip(" |").rsplit("|", 1)[1]) < 1e-5
         assert f"6x4x40:fp32 {method}: time fused / unfused <= 1.3" in out
     # the fresh-process probe sees the materialized logits (two of 4 MiB and a kept gradient), and the fused
     # loss stay under its 1 MiB budget

@@ -16,6 +16,7 @@ import yaml
 from pcdistill.cli import main
 from pcdistill.config import ConfigError, from_dict
 from pcdistill.engine.records import read_metrics
+from pcdistill.engine.trainer import train
 
 DATA = {"name": "python_stdlib", "val_fraction": 0.15,
         "options": {"block_size": 32, "vocab_size": 300, "max_files": 24, "max_chars": 1500, "test_fraction": 0.15}}
@@ -65,6 +66,14 @@ def runs(tmp_path_factory):
 def test_train_prints_progress_and_final_test_perplexity(runs):
     rc, out, err = runs["pcd"]
     assert "epoch 1/1" in err  # the tqdm bar
+    assert "Loading weights" not in err and "Writing model shards" not in err  # transformers' bars are hidden
+    tokenizer = json.loads((runs["tmp"] / "teacher" / "tokenizer" / "tokenizer.json").read_text())
+    tokens = len(tokenizer["model"]["vocab"])  # the specials are in it too
+    header = f"causal_lm: tokenizer {runs['tmp'] / 'teacher' / 'tokenizer'} (the teacher's; {tokens} tokens); " \
+             f"vocabulary: student {tokens}, teacher {tokens}; train "
+    assert header in err, err[:2000]
+    steps = int(err.split(header)[1].split(" steps per epoch")[0].rsplit(" ", 1)[1])
+    assert steps == read_metrics(runs["tmp"] / "pcd")[-1]["step"]  # one epoch
     last = read_metrics(runs["tmp"] / "pcd")[-1]
     assert f"final-epoch test_ppl: {last['test_ppl']:.2f}" in out
     assert out.strip().splitlines()[-1].startswith("best test_ppl")
@@ -164,6 +173,45 @@ def test_eval_of_a_distillation_config_evaluates_its_teacher(runs):
     assert rc == 0, err[-2000:]
     last = read_metrics(runs["tmp"] / "teacher")[-1]  # the teacher run's own final evaluation
     assert f"test: ppl {last['test_ppl']:.2f}" in out and f"val: ppl {last['val_ppl']:.2f}" in out
+    assert out.splitlines()[0] == f"the teacher of {runs['tmp'] / 'pcd.yaml'}: {runs['tmp'] / 'teacher'} (teacher.path)"
+
+
+def test_eval_of_a_run_uses_the_tokenizer_it_was_trained_with(runs, tmp_path):
+    from pcdistill.lm.tokenizer import train_tokenizer
+    run = tmp_path / "pcd"  # the student's tokenizer is its teacher's; its data section would train another
+    for name in ("config.yaml", "model.safetensors", "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes((runs["tmp"] / "pcd" / name).read_bytes())
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["options"]["vocab_size"] = 280
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rc, out, err = cli("eval", str(run))
+    assert rc == 0, err[-2000:]
+    last = read_metrics(runs["tmp"] / "pcd")[-1]
+    assert f"test: ppl {last['test_ppl']:.2f}" in out and f"val: ppl {last['val_ppl']:.2f}" in out
+    train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, 280, tmp_path / "other_tok")
+    rc, _, err = cli("eval", str(run), f"data.options.tokenizer={tmp_path / 'other_tok'}")
+    assert rc == 2 and "shape mismatch" in err and "the tokenizer it was trained with" in err, err[-2000:]
+
+
+def test_a_missing_teacher_folder_is_said_not_to_exist(runs, tmp_path):
+    nope = tmp_path / "nope"
+    config = write(tmp_path / "pcd.yaml", student(nope))
+    for command in (("train", config, "--out", str(tmp_path / "s")), ("eval", config)):
+        rc, out, err = cli(*command)
+        assert rc == 2 and f"teacher.path {str(nope)!r} does not exist" in err and "Traceback" not in err, err
+    with pytest.raises(ConfigError, match="teacher.path '.*nope' does not exist"):  # the Python API too
+        train(from_dict(student(nope)), tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_base_install_is_told_to_install_the_lm_extra(tmp_path, monkeypatch):
+    for module in ("transformers", "tokenizers"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    rc, out, err = cli("train", write(tmp_path / "t.yaml", TEACHER), "--out", str(tmp_path / "t"))
+    assert rc == 2 and "Traceback" not in err and "pip install 'pcdistill[lm]'" in err, err[-2000:]
+    assert "No module named" in err or "import of" in err  # which package is missing
+    assert not (tmp_path / "t").exists()
 
 
 def test_load_model_rebuilds_a_run_from_its_weights_file(runs):
@@ -192,6 +240,12 @@ def test_bad_configs_are_refused_with_the_reason(runs, tmp_path):
     rc, _, err = cli("train", write(tmp_path / "kind.yaml", student(teacher_dir, teacher={"name": "qwen2", "path": str(
         teacher_dir)})), "--out", str(tmp_path / "k"))
     assert rc == 2 and "holds a 'llama' model" in err
+    for override, words in (("model.name=lama", "model.name 'lama' is not a causal LM (did you mean 'llama'?)"),
+                            ("data.options.blocksize=8", "(did you mean 'block_size'?); data.options takes block_size, "
+                             "vocab_size, tokenizer (the tokenizer and the blocks) and the options of corpus "
+                             "'python_stdlib': test_fraction, max_files")):
+        rc, _, err = cli("train", write(tmp_path / "t.yaml", TEACHER), override, "--out", str(tmp_path / "t"))
+        assert rc == 2 and words in err, err
     (tmp_path / "bare").mkdir()
     rc, _, err = cli("train", write(tmp_path / "bare.yaml", student(tmp_path / "bare")), "--out", str(tmp_path / "b"))
     assert rc == 2 and "holds no tokenizer" in err
@@ -207,7 +261,6 @@ def test_the_vision_path_imports_no_language_model_library():
 def test_two_process_ddp_matches_one_process(runs):
     from safetensors.torch import load_file
 
-    from pcdistill.engine.trainer import train
     from tests.helpers import run_two_processes
     tmp = runs["tmp"]
     per_rank = 4

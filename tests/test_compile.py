@@ -9,7 +9,7 @@ import torch
 
 from pcdistill import models
 from pcdistill.distiller import Distiller
-from pcdistill.losses import DKDLoss, PCDLoss, dist_loss, dkd_loss, kd_loss, pcd_loss
+from pcdistill.losses import DKDLoss, PCDLoss, dist_loss, dkd_loss, jsd_loss, kd_loss, pcd_loss, rkl_loss, tvd_loss
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +32,10 @@ CASES = {
                                                  reduction="none").sum(),
     "released": lambda s, t: pcd_loss(s, t, variant="released", class_mask=CLASS_MASK, valid=VALID,
                                       standardize=True),
+    # one graph for the three (each compile costs seconds); rkl without row 1, whose teacher-only -inf makes it +inf
+    "rkl_jsd_tvd": lambda s, t: (rkl_loss(s[2:], t[2:], temperature=2.0, class_mask=CLASS_MASK, valid=VALID[2:])
+                                 + jsd_loss(s, t, beta=0.3, standardize=True, reduction="none").sum()
+                                 + tvd_loss(s, t, valid=VALID, reduction="sum")),
 }
 
 

@@ -6,7 +6,7 @@ import csv
 import pytest
 import yaml
 
-from pcdistill.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from pcdistill.config import CHOICES, ConfigError, apply_overrides, from_dict, load_config, to_dict
 from pcdistill.demo import recipe
 from tests.helpers import REPO
 
@@ -31,6 +31,41 @@ def test_override_sets_a_loss_argument():
     assert cfg.distill.loss == {"stages": 5, "schedule": "curriculum"}
 
 
+def test_method_choices_are_the_method_table():
+    from pcdistill.losses import fused_methods, list_methods
+    assert list(CHOICES["distill.method"]) == list_methods()
+    for method in list_methods():
+        overrides = [f"distill.method={method}"] + (["teacher.name=cnn_large"] if method != "vanilla" else [])
+        cfg = load_config(None, overrides)
+        assert cfg.distill.method == method
+        lm = ["task=causal_lm", "model.name=llama", "data.name=python_stdlib"]
+        if method in fused_methods():
+            continue
+        with pytest.raises(ConfigError, match=f"distill.method {method!r} is not available for task: causal_lm.*"
+                                              f"choose one of {', '.join(fused_methods())}"):
+            load_config(None, overrides + lm)
+
+
+def test_loss_options_must_fit_the_class_count():
+    from pcdistill.tasks.base import check_loss_fits
+    cfg = load_config(None, ["distill.method=pcd", "teacher.name=cnn_large", "distill.loss.stages=11"])
+    with pytest.raises(ConfigError, match=r"does not fit the 10 classes .*stages must be an int in \[1, C=10\]"):
+        check_loss_fits(cfg, 10)
+    check_loss_fits(cfg, 11)
+    with pytest.raises(ConfigError, match=r"C=2\]; got 3"):  # PCD's default stages
+        check_loss_fits(load_config(None, ["distill.method=pcd", "teacher.name=cnn_large"]), 2)
+    check_loss_fits(load_config(None, ["distill.method=jsd", "teacher.name=cnn_large"]), 2)
+
+
+def test_jsd_options_are_checked():
+    base = ["distill.method=jsd", "teacher.name=cnn_large"]
+    assert load_config(None, base + ["distill.loss.beta=0.3"]).distill.loss == {"beta": 0.3}
+    with pytest.raises(ConfigError, match=r"distill.loss: beta must lie in \[0, 1\]"):
+        load_config(None, base + ["distill.loss.beta=1.5"])
+    with pytest.raises(ConfigError, match="distill.loss.standardize must be true or false"):
+        load_config(None, base + ["distill.loss.standardize=1"])
+
+
 @pytest.mark.parametrize("overrides,words", [
     (["trainer.epoch=3"], ["trainer.epoch", "did you mean 'trainer.epochs'"]),
     (["trainer.epochs=three"], ["trainer.epochs", "integer"]),
@@ -41,6 +76,8 @@ def test_override_sets_a_loss_argument():
     (["distill.method=pcd", "teacher.name=cnn_large", "distill.loss.stagess=2"],
      ["distill.loss", "did you mean 'stages'"]),
     (["distill.method=kd"], ["teacher.name"]),
+    (["distill.method=kd", "teacher.name=cnn_large", "distill.loss.stages=3"],  # pcd.yaml with distill.method=kd
+     ["distill.loss.stages is not an option of kd (it is pcd's", "distill.loss={}", "kd takes temperature"]),
     (["distill.loss.temperature=2"], ["distill.loss", "vanilla"]),
     (["data.val_fraction=1.0"], ["data.val_fraction"]),
     (["schedule.milestones=[5, 2]"], ["schedule.milestones", "increasing"]),
@@ -192,3 +229,14 @@ def test_the_papers_configs_keep_the_papers_weight():
         cfg = load_config(path)
         if cfg.distill.method == "pcd":
             assert cfg.distill.alpha == 1.0, path
+
+
+def test_shipped_and_saved_configs_hold_no_yaml_anchors(tmp_path):
+    from pcdistill.config import save_config
+    for path in SHIPPED:  # `&id001` / `*id001`: valid YAML, but a reader must decode them
+        assert not [e for e in yaml.parse(path.read_text()) if getattr(e, "anchor", None)], path
+    cfg = from_dict({"model": {"name": "cnn_tiny", "options": {"width": 8}}, "teacher": {"name": "cnn_tiny"}})
+    cfg.teacher.options = cfg.model.options  # one dict in two places, as yaml.safe_load gives for an alias
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert "&" not in text and "*" not in text and text.count("width: 8") == 2

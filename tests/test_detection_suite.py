@@ -12,8 +12,8 @@ import torch
 from scipy import stats
 
 from pcdistill.evidence.analysis import bucket_gaps
-from pcdistill.evidence.detection import (VARIANTS, DetectionPlan, QUICK, quick_plan, report, run_detection_suite,
-                                          paired_test_roi_logits)
+from pcdistill.evidence.detection import VARIANTS, DetectionPlan, QUICK, quick_plan, paired_test_roi_logits
+from pcdistill.evidence.pipeline import run_suite
 from tests.helpers import run_cli
 from tests.test_fashion_scenes import fashion_folder
 
@@ -75,7 +75,7 @@ def test_finals_use_the_weight_with_the_best_validation_ap(quick):
 def test_a_finished_suite_is_not_redone(quick):
     results, _, fashion_root = quick
     stamps = {p: p.stat().st_mtime_ns for p in (results / "runs").rglob("model.safetensors")}
-    run_detection_suite(quick_plan(fashion_root), results, jobs=1, log=lambda *_: None)
+    run_suite(quick_plan(fashion_root), results, jobs=1, log=lambda *_: None)
     assert {p: p.stat().st_mtime_ns for p in (results / "runs").rglob("model.safetensors")} == stamps
 
 
@@ -103,7 +103,7 @@ def test_report_statistics_against_scipy():
         alpha = None if v.method == "vanilla" else v.alpha
         rows += [{"variant": v.name, "seed": s, "alpha": alpha, "phase": "final", "test_ap": a, "test_ap50": 2 * a,
                   "test_ap75": a - 1, "val_ap": a + 1} for s, a in enumerate(ap[v.name])]
-    text = report(plan, rows, {"date": "d", "torch": "t", "cpu": "c", "cores": 2,
+    text = plan.markdown(rows, {"date": "d", "torch": "t", "cpu": "c", "cores": 2,
                                "suite_wall_seconds_this_invocation": 60.0})
     mean, sd = sum(ap["pcd"]) / 3, stats.tstd(ap["pcd"])
     assert f"| pcd | 1 | {mean + 1:.2f} | {mean:.2f} +- {sd:.2f} |" in text

@@ -1,8 +1,9 @@
 """The fused output-layer loss against the unfused loss on materialized logits, in float64.
 
-Reference: ``s = h_s @ W_s.T + b_s``, ``t = h_t @ W_t.T + b_t`` built in full, the public
-``kd_loss`` / ``dkd_loss`` / ``pcd_loss`` on ``[..., :min(V_s, V_t)]`` with the counted rows as
-``valid``, plus ``ce_weight * F.cross_entropy(s, target, ignore_index)``; gradients by autograd.
+Reference: ``s = h_s @ W_s.T + b_s``, ``t = h_t @ W_t.T + b_t`` built in full, the public loss of the
+method (``kd_loss``, ``dkd_loss``, ``pcd_loss``, ``rkl_loss``, ... from the method table) on
+``[..., :min(V_s, V_t)]`` with the counted rows as ``valid``, plus
+``ce_weight * F.cross_entropy(s, target, ignore_index)``; gradients by autograd.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcdistill.losses import dkd_loss, fused_linear_distill_loss, kd_loss, memory_budget, memory_budget_mib, pcd_loss
+from pcdistill.losses import (fused_linear_distill_loss, fused_methods, get_method, kd_loss, memory_budget,
+                              memory_budget_mib)
 from pcdistill.losses import fused_linear as fused_module
 
 IGNORE = -100
@@ -26,6 +28,9 @@ CASES = [
     ("pcd", {"rank_by": "none", "adaptive": False}),
     ("pcd", {"variant": "released"}),
     ("pcd", {"variant": "released", "standardize": True, "temperature": 2.0}),
+    ("rkl", {"temperature": 2.0}),
+    ("jsd", {"beta": 0.3, "standardize": True}),
+    ("tvd", {}),
     ("vanilla", {}),
 ]
 IDS = [m + "".join(f"-{k}={v}" for k, v in kw.items()) for m, kw in CASES]
@@ -66,9 +71,10 @@ def reference(x, method, kw, target=None, ce_weight=0.0, valid=None, class_mask=
         counted &= valid
     total = s.new_zeros(())
     if method != "vanilla":
-        fn = {"kd": kd_loss, "pcd": pcd_loss, "dkd": lambda a, b, **k: dkd_loss(a, b, target, **k)}[method]
-        total = total + fn(s[..., :common], t[..., :common], valid=counted, class_mask=class_mask,
-                           reduction=reduction, **kw)
+        entry = get_method(method)
+        args = (target,) if entry.needs_target else ()
+        total = total + entry.loss(s[..., :common], t[..., :common], *args, valid=counted, class_mask=class_mask,
+                                   reduction=reduction, **kw)
     if ce_weight:
         y = torch.where(counted, target, IGNORE).reshape(-1)
         ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), y, ignore_index=IGNORE, reduction=reduction)
@@ -76,11 +82,12 @@ def reference(x, method, kw, target=None, ce_weight=0.0, valid=None, class_mask=
     return total, torch.autograd.grad(total, student_params(x), allow_unused=True)
 
 
-def fused(x, method, kw, **options):
+def fused(x, method, kw, combine=lambda total, parts: total, **options):
+    """The fused loss and the gradients of ``combine(total, parts)`` (parts: with ``return_parts=True``)."""
     loss = fused_linear_distill_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
                                      x["teacher_weight"], method=method, student_bias=x["student_bias"],
                                      teacher_bias=x["teacher_bias"], **options, **kw)
-    value = loss[0] if isinstance(loss, tuple) else loss
+    value = combine(*loss) if isinstance(loss, tuple) else loss
     return loss, torch.autograd.grad(value, student_params(x))
 
 
@@ -89,6 +96,11 @@ def assert_same(got, want, rtol=1e-10, atol=1e-10):
     torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol)
     for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=rtol, atol=atol)
+
+
+def test_every_fused_method_has_cases():
+    assert {m for m, _ in CASES} == set(fused_methods())
+    assert "dist" not in fused_methods()
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 3, None])
@@ -120,8 +132,8 @@ def test_equals_unfused_loss_student_vocab_larger(method, kw, reduction):
     assert_same(got, want)
 
 
-@pytest.mark.parametrize("method, kw", [c for c in CASES if c[0] in ("kd", "pcd")],
-                         ids=[i for i, c in zip(IDS, CASES) if c[0] in ("kd", "pcd")])
+@pytest.mark.parametrize("method, kw", [c for c in CASES if c[0] in ("kd", "pcd", "jsd")],
+                         ids=[i for i, c in zip(IDS, CASES) if c[0] in ("kd", "pcd", "jsd")])
 def test_without_target_or_cross_entropy(method, kw):
     x, _ = layers(leading=(6,), seed=2)
     assert_same(fused(x, method, kw, chunk_rows=4), reference(x, method, kw))
@@ -137,16 +149,47 @@ def test_sum_is_mean_times_counted_rows():
         torch.testing.assert_close(parts_sum[key], parts_mean[key] * 7, rtol=1e-12, atol=0)
 
 
-def test_parts_are_the_two_terms_detached():
-    x, target = layers(seed=4)
-    (total, parts), _ = fused(x, "kd", {}, target=target, ce_weight=0.3, return_parts=True)
-    s = x["student_hidden"] @ x["student_weight"].T + x["student_bias"]
-    t = x["teacher_hidden"] @ x["teacher_weight"][:37].T + x["teacher_bias"][:37]
-    ce = F.cross_entropy(s.reshape(-1, 37), target.reshape(-1))
-    torch.testing.assert_close(parts["distill"], kd_loss(s, t).detach(), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(parts["ce"], ce.detach(), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(total, parts["distill"] + 0.3 * parts["ce"], rtol=1e-12, atol=0)
-    assert not parts["distill"].requires_grad and not parts["ce"].requires_grad
+PARTS = [("kd", {}), ("dkd", {}), ("pcd", {}), ("pcd", {"variant": "released"})]
+
+
+@pytest.mark.parametrize("v_s, v_t", [(37, 41), (45, 30)], ids=["teacher-vocab-larger", "student-vocab-larger"])
+@pytest.mark.parametrize("method, kw", PARTS, ids=["kd", "dkd", "pcd", "pcd-released"])
+def test_parts_each_carry_their_own_gradient(method, kw, v_s, v_t):
+    """Weighting the parts weights their gradients: against the distillation loss and the cross-entropy
+    materialized and differentiated separately (float64)."""
+    x, target = layers(leading=(7,), v_s=v_s, v_t=v_t, seed=4)
+    target[2] = IGNORE
+    distill, distill_grads = reference(x, method, kw, target)  # the distillation term alone
+    ce, ce_grads = reference(x, "vanilla", {}, target, ce_weight=1.0)  # the cross-entropy alone
+    for combination, (w_distill, w_ce) in [(lambda total, p: 2 * p["ce"] + 3 * p["distill"], (3, 2)),
+                                           (lambda total, p: sum(p.values()), (1, 1)),
+                                           (lambda total, p: total - 0.5 * p["distill"], (0.5, 0.3)),
+                                           (lambda total, p: p["ce"], (0, 1))]:
+        (total, parts), grads = fused(x, method, kw, target=target, ce_weight=0.3, chunk_rows=3, return_parts=True,
+                                      combine=combination)
+        torch.testing.assert_close(parts["distill"], distill.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(parts["ce"], ce.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(total, distill.detach() + 0.3 * ce.detach(), rtol=1e-10, atol=1e-12)
+        for g, d, c in zip(grads, distill_grads, ce_grads, strict=True):
+            torch.testing.assert_close(g, w_distill * d + w_ce * c, rtol=1e-10, atol=1e-10)
+
+
+def test_parts_without_a_second_term():
+    """CE only reported (ce_weight=0) has no gradient; the distillation term alone, or CE alone (vanilla),
+    carries that of the total."""
+    x, target = layers(seed=12)
+    (_, parts), grads = fused(x, "kd", {}, target=target, ce_weight=0.0, return_parts=True,
+                              combine=lambda total, p: 2 * p["distill"])
+    assert not parts["ce"].requires_grad
+    torch.testing.assert_close(parts["ce"], reference(x, "vanilla", {}, target, ce_weight=1.0)[0].detach(),
+                               rtol=1e-10, atol=1e-12)
+    for g, r in zip(grads, reference(x, "kd", {}, target)[1], strict=True):
+        torch.testing.assert_close(g, 2 * r, rtol=1e-10, atol=1e-10)
+    (_, parts), grads = fused(x, "vanilla", {}, target=target, ce_weight=0.5, return_parts=True,
+                              combine=lambda total, p: 3 * p["ce"])
+    assert not parts["distill"].requires_grad and float(parts["distill"]) == 0
+    for g, r in zip(grads, reference(x, "vanilla", {}, target, ce_weight=3.0)[1], strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -170,7 +213,7 @@ def test_bf16_inputs_match_float64_reference_loosely():
     x16 = {k: None if v is None else v.detach().to(torch.bfloat16).requires_grad_(v.requires_grad)
            for k, v in x64.items()}
     x_ref = {k: None if v is None else v.detach().double().requires_grad_(v.requires_grad) for k, v in x16.items()}
-    for method, kw in [("kd", {}), ("pcd", {}), ("pcd", {"variant": "released"}), ("dkd", {})]:
+    for method, kw in [("kd", {}), ("pcd", {}), ("pcd", {"variant": "released"}), ("dkd", {}), ("jsd", {})]:
         (loss, grads) = fused(x16, method, kw, target=target, ce_weight=0.5, chunk_rows=5)
         ref_loss, ref_grads = reference(x_ref, method, kw, target, 0.5)
         assert loss.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
@@ -236,6 +279,8 @@ BAD = [
     (dict(method="dist"), ValueError, "cannot be fused"),
     (dict(temprature=2.0), ValueError, "did you mean 'temperature'"),
     (dict(method="kd", stages=3), ValueError, "has no option 'stages'"),
+    (dict(method="jsd", betta=0.3), ValueError, "did you mean 'beta'"),
+    (dict(method="jsd", beta=2.0), ValueError, r"beta must lie in \[0, 1\]"),
     (dict(method="dkd"), ValueError, "method 'dkd' needs target"),
     (dict(ce_weight=1.0), ValueError, "ce_weight=1.0 needs target"),
     (dict(method="vanilla", target="ok"), ValueError, "ce_weight > 0"),
@@ -292,16 +337,18 @@ def test_bad_shapes_name_the_problem(change, error, message):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,options", [("pcd", {"stages": 2}), ("pcd", {"variant": "released", "stages": 2}),
-                                            ("dkd", {})], ids=["pcd", "pcd-released", "dkd"])
+                                            ("dkd", {"return_parts": True})], ids=["pcd", "pcd-released", "dkd-parts"])
 def test_compiles_into_one_graph(method, options):
-    """fullgraph=True: every gradient is formed in closed form, nothing breaks the graph (no autograd.grad)."""
+    """fullgraph=True: every gradient is formed in closed form, nothing breaks the graph (no autograd.grad);
+    with return_parts, the parts weighted apart."""
     x, target = layers(leading=(2, 3), seed=11)
     target = target.clone()
     target[0, 1] = -100  # an ignored row
 
     def loss_fn(h, w):
-        return fused_linear_distill_loss(h, w, x["teacher_hidden"], x["teacher_weight"], target=target,
+        loss = fused_linear_distill_loss(h, w, x["teacher_hidden"], x["teacher_weight"], target=target,
                                          method=method, ce_weight=0.5, chunk_rows=2, **options)
+        return 2 * loss[1]["ce"] + 3 * loss[1]["distill"] if isinstance(loss, tuple) else loss
 
     torch._dynamo.reset()
     h, w = x["student_hidden"], x["student_weight"]

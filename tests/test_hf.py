@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -41,6 +42,8 @@ def test_a_save_pretrained_folder_round_trips(tmp_path):
     ({"path": "{tmp}", "vocab_size": 3}, ValueError, r"takes no other key; got \['vocab_size'\]"),
     ({"config": "lama", "vocab_size": 10}, ValueError, r"unknown config 'lama'.*did you mean 'llama'"),
     ({"config": "llama", "hiden_size": 8, "vocab_size": 10}, ValueError, r"no key 'hiden_size'.*'hidden_size'"),
+    ({"config": "llama", "hidden": 8, "vocab_size": 10}, ValueError, r"no key 'hidden'.*'hidden_size'"),  # not _act
+    ({"config": "gpt2", "n_emb": 8, "vocab_size": 10}, ValueError, r"no key 'n_emb'.*'n_embd'"),
     ({"config": "gpt2", "hidden_size": 8}, ValueError, r"needs vocab_size"),
     ({"config": "gpt2", "path": "x"}, ValueError, r"exactly one of 'path'"),
     ("llama", TypeError, r"a dict with 'path' or 'config'"),
@@ -104,10 +107,10 @@ def arguments(folder, **kwargs):
     return transformers.TrainingArguments(**(base | kwargs))
 
 
-def trainer_for(folder, student=None, teacher=None, data_size: int = 16, **kwargs):
+def trainer_for(folder, student=None, teacher=None, data_size: int = 16, loss: str = "pcd", **kwargs):
     loss_options = kwargs.pop("loss_options", {"temperature": 2.0, "stages": 2})
     return DistillationTrainer(model=student or tiny_lm(), teacher_model=teacher or tiny_lm(vocab=V_T, seed=1),
-                               args=arguments(folder, **kwargs), train_dataset=dataset(data_size), loss="pcd",
+                               args=arguments(folder, **kwargs), train_dataset=dataset(data_size), loss=loss,
                                loss_options=loss_options)
 
 
@@ -131,11 +134,35 @@ def test_trainer_runs_logs_the_parts_and_leaves_the_teacher_alone(tmp_path):
     assert torch.isfinite(torch.tensor(trainer.evaluate(dataset(4))["eval_loss"]))
 
 
-def test_trainer_runs_under_bf16_autocast(tmp_path):
-    trainer = trainer_for(tmp_path, max_steps=1, bf16=True)
+def test_trainer_takes_a_method_of_the_table(tmp_path):
+    trainer = trainer_for(tmp_path, max_steps=1, loss="jsd", loss_options={"beta": 0.3, "temperature": 2.0})
     trainer.train()
     entry = trainer.state.log_history[0]
+    assert entry["jsd_loss"] > 0 and entry["loss"] == pytest.approx(entry["ce_loss"] + entry["jsd_loss"], rel=1e-5)
+
+
+def test_trainer_refuses_a_teacher_of_another_vocabulary(tmp_path):
+    with pytest.raises(ValueError, match="vocabulary has 300 entries and the student's 100"):
+        trainer_for(tmp_path, teacher=tiny_lm(vocab=300, hidden=8))
+
+
+def test_trainer_under_bf16_autocast_takes_the_fused_path_with_the_materialized_value(tmp_path):
+    student = tiny_lm()
+    with torch.no_grad():  # large logits: bf16 rounding of the model's own lm_head is far above 1e-3
+        student.get_output_embeddings().weight.mul_(30)
+    trainer = trainer_for(tmp_path, student=student, max_steps=1, bf16=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "cannot use the fused output-layer loss" would fail here
+        trainer.train()
+    entry = trainer.state.log_history[0]
     assert torch.isfinite(torch.tensor([entry["loss"], entry["ce_loss"], entry["pcd_loss"]])).all()
+    assert [ok for ok, _ in trainer.distiller._fusable.values()] == [True, True]
+    inputs = {key: torch.stack([row[key] for row in dataset(4)]) for key in dataset(1)[0]}
+    values = {}
+    for fused in ("always", "never"):  # never: the model's own (autocast) logits
+        trainer.distiller.fused = fused
+        values[fused] = trainer.compute_loss(trainer.model, inputs).item()
+    assert values["always"] == pytest.approx(values["never"], rel=1e-5)
 
 
 def test_gradient_accumulation_gives_the_large_batch_step(tmp_path):
@@ -205,3 +232,6 @@ def test_fusable_catches_a_forward_that_transforms_the_logits():
     ok, reason = fusable(scaled)
     assert not ok and "differ from lm_head(hidden_states[-1])" in reason
     assert fusable(model) == (True, "its logits are lm_head(hidden_states[-1]) (checked on two tokens)")
+    model.get_output_embeddings().register_forward_pre_hook(lambda module, args: (args[0] / 8,))  # as MiniCPM
+    ok, reason = fusable(model)
+    assert not ok and "output layer's input differs from hidden_states[-1]" in reason

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from pcdistill.lm import distill as lm_distill
 from pcdistill.lm.distill import CausalLMDistiller
 from pcdistill.lm.models import create_causal_lm
-from pcdistill.losses import dkd_loss, pcd_loss
+from pcdistill.losses import fused_methods, get_method
 from tests.helpers import run_two_processes
 
-V_S, V_T, T = 100, 128, 2.0
+V_S, V_T, T = 100, 108, 2.0  # a padded teacher vocabulary (within VOCAB_TOLERANCE)
 
 
 def tiny_lm(config: str = "llama", vocab: int = V_S, hidden: int = 32, seed: int = 0):
@@ -61,19 +61,24 @@ def reference(student, teacher, ids, labels, mask, method, ce_weight, weight, op
     if method == "kd":
         log_p_s, log_p_t = torch.log_softmax(rows / T, -1), torch.log_softmax(t / T, -1)
         value = (T * T * (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)).mean()
-    elif method == "dkd":
-        value = dkd_loss(rows, t, y, temperature=T, **options)
-    else:
-        value = pcd_loss(rows, t, temperature=T, **options)
+    else:  # the method's public loss on the counted rows
+        entry = get_method(method)
+        value = entry.loss(rows, t, *((y,) if entry.needs_target else ()), temperature=T, **options)
     out[method] = weight * value
     return out
 
 
 CASES = [("vanilla", {}), ("kd", {}), ("dkd", {"beta": 2.0}), ("pcd", {"stages": 2}),
-         ("pcd", {"stages": 3, "schedule": "curriculum", "progress": 0.7})]
+         ("pcd", {"stages": 3, "schedule": "curriculum", "progress": 0.7}), ("rkl", {}), ("jsd", {"beta": 0.3}),
+         ("tvd", {})]
 
 
-@pytest.mark.parametrize("method,options", CASES, ids=["vanilla", "kd", "dkd", "pcd", "pcd-curriculum"])
+def test_every_fused_method_has_a_case():
+    assert {m for m, _ in CASES} == set(fused_methods())
+
+
+@pytest.mark.parametrize("method,options", CASES, ids=["vanilla", "kd", "dkd", "pcd", "pcd-curriculum", "rkl", "jsd",
+                                                       "tvd"])
 @pytest.mark.parametrize("fused", ["always", "never"])
 def test_losses_and_gradients_equal_the_materialized_reference(method, options, fused):
     student, teacher = tiny_lm(), tiny_lm(vocab=V_T, hidden=48, seed=1)
@@ -96,6 +101,46 @@ def test_losses_and_gradients_equal_the_materialized_reference(method, options, 
         torch.testing.assert_close(p.grad, w, rtol=1e-4, atol=1e-6)
     if method != "vanilla":
         assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("method", ["kd", "pcd"])
+@pytest.mark.parametrize("fused", ["always", "never"])
+def test_weighting_the_entries_weights_their_gradients(method, fused):
+    """Each entry carries its own gradient (float64 models): a weighted sum of the entries has the gradient of
+    the same weighted sum of CE and the distillation term computed apart on the materialized logits."""
+    student, teacher = tiny_lm().double(), tiny_lm(vocab=V_T, hidden=48, seed=1).double()
+    options = {"stages": 2} if method == "pcd" else {}
+    distiller = CausalLMDistiller(student, teacher, loss=method, loss_options={"temperature": T, **options},
+                                  alpha=0.5, ce_weight=0.7, fused=fused)
+    ids, labels, mask = batch()
+    params = list(student.parameters())
+    for combine in (lambda parts: 2 * parts["ce"] + 3 * parts[method], lambda parts: sum(parts.values()),
+                    lambda parts: parts[method]):
+        _, losses = distiller(ids, labels, attention_mask=mask)
+        got = torch.autograd.grad(combine(losses), params, allow_unused=True)
+        ref = reference(student, teacher, ids, labels, mask, method, 0.7, 0.5, options)
+        want = torch.autograd.grad(combine(ref), params, allow_unused=True)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+def test_summed_entries_keep_one_gradient_set_with_the_same_values_and_sum_gradient():
+    """``part_gradients=False`` (what the trainers use): the same entry values, CE detached, and the sum of the
+    entries has the gradient of the float64 reference's sum."""
+    student, teacher = tiny_lm().double(), tiny_lm(vocab=V_T, hidden=48, seed=1).double()
+    distiller = CausalLMDistiller(student, teacher, loss="pcd", loss_options={"temperature": T, "stages": 2},
+                                  alpha=0.5, ce_weight=0.7, fused="always", part_gradients=False)
+    ids, labels, mask = batch()
+    params = list(student.parameters())
+    _, losses = distiller(ids, labels, attention_mask=mask)
+    ref = reference(student, teacher, ids, labels, mask, "pcd", 0.7, 0.5, {"stages": 2})
+    assert not losses["ce"].requires_grad
+    for name in ref:
+        torch.testing.assert_close(losses[name], ref[name].detach(), rtol=1e-9, atol=1e-12)
+    got = torch.autograd.grad(sum(losses.values()), params)
+    want = torch.autograd.grad(sum(ref.values()), params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
 def test_fused_never_equals_always_and_num_items_sums():
@@ -123,7 +168,8 @@ def test_warmup_scales_the_distillation_term_and_skips_the_teacher_at_zero():
     calls = []
     teacher.register_forward_hook(lambda *_: calls.append(1))
     ids, labels, mask = batch()
-    distiller = CausalLMDistiller(student, teacher, loss="kd", warmup_epochs=2.0)
+    distiller = CausalLMDistiller(student, teacher, loss="kd", loss_options={"temperature": T}, warmup_epochs=2.0,
+                                  fused="always")
     full = distiller(ids, labels, attention_mask=mask, epoch=5.0)[1]
     half = distiller(ids, labels, attention_mask=mask, epoch=1.0)[1]
     torch.testing.assert_close(half["kd"], full["kd"] / 2)
@@ -132,6 +178,8 @@ def test_warmup_scales_the_distillation_term_and_skips_the_teacher_at_zero():
     zero = distiller(ids, labels, attention_mask=mask, epoch=0.0)[1]
     assert calls == [] and float(zero["kd"]) == 0.0
     torch.testing.assert_close(zero["ce"], full["ce"])
+    no_ce = CausalLMDistiller(student, teacher, loss="kd", ce_weight=0.0, warmup_epochs=2.0, fused="always")
+    assert {k: float(v) for k, v in no_ce(ids, labels, attention_mask=mask, epoch=0.0)[1].items()} == {"kd": 0.0}
     with pytest.raises(ValueError, match="pass epoch="):
         distiller(ids, labels)
 
@@ -175,7 +223,7 @@ def test_teacher_is_frozen_in_eval_mode():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"loss": "pcdd"}, "unknown loss 'pcdd'.*did you mean 'pcd'"),
-    ({"loss": "dist"}, "unknown loss 'dist'"),
+    ({"loss": "dist"}, "loss .dist. cannot distill a causal LM.*correlates each class"),
     ({"loss": "pcd", "loss_options": {"stagse": 2}}, "stagse.*stages"),
     ({"loss": "kd", "loss_options": {"reduction": "sum"}}, "may not set 'reduction'"),
     ({"loss": "kd", "no_teacher": True}, "needs a teacher"),
@@ -187,6 +235,16 @@ def test_bad_arguments_are_named(kwargs, message):
     teacher = None if kwargs.pop("no_teacher", False) else torch.nn.Linear(1, 1)
     with pytest.raises((ValueError, TypeError), match=message):
         CausalLMDistiller(torch.nn.Linear(1, 1), teacher, **kwargs)
+
+
+@pytest.mark.parametrize("v_s,v_t", [(128, 50_000), (128, 100), (100, 128)])
+def test_vocabularies_beyond_padding_are_refused(v_s, v_t):
+    student, teacher = tiny_lm(vocab=v_s, hidden=8), tiny_lm(vocab=v_t, hidden=8)
+    message = rf"teacher's vocabulary has {v_t} entries and the student's {v_s}: they differ by {abs(v_s - v_t)} " \
+              rf"rows.*accepted: up to 10%.*share one tokenizer"
+    with pytest.raises(ValueError, match=message):
+        CausalLMDistiller(student, teacher, loss="kd")
+    assert CausalLMDistiller(student, None, loss="vanilla").loss == "vanilla"  # no teacher, nothing to compare
 
 
 def test_bad_batch_shapes_are_named():

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
     ("KD", "1024x32000:fp32"), ("DKD", "1024x32000:fp32"), ("PCD K=3", "1024x32000:fp32"),
     ("PCD K=7", "1024x32000:fp32"), ("PCD released", "1024x32000:fp32"), ("DIST", "1024x32000:fp32"),
     ("PCD K=3", "1024x32000:bf16"), ("KD", "1024x32000:bf16"),
+    ("JSD", "1024x32000:fp32"),  # the most workspace of RKL, JSD, TVD (same row mechanism; bench/loss_speed.py has all)
 ])
 def test_peak_and_held_memory_within_the_bound(method, shape):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", OMP_NUM_THREADS="1")

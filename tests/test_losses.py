@@ -1,7 +1,9 @@
 """Losses against independent references: a plain per-row, per-group loop written from METHOD.md,
-textbook formulas for KD/DKD/DIST, and properties the definitions imply."""
+textbook formulas for KD/DKD/DIST/RKL/JSD/TVD, and properties the definitions imply. Tests that apply to
+every method are parametrized over the method table (``pcdistill.losses.methods``)."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -10,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from pcdistill import losses
-from pcdistill.losses import (DISTLoss, DKDLoss, KDLoss, PCDLoss, dist_loss, dkd_loss, kd_loss, pcd_loss,
-                              standardize_logits)
+from pcdistill.losses import (DISTLoss, DKDLoss, JSDLoss, KDLoss, PCDLoss, RKLLoss, TVDLoss, call_loss, dist_loss,
+                              dkd_loss, get_method, jsd_loss, kd_loss, list_methods, pcd_loss, rkl_loss,
+                              standardize_logits, tvd_loss)
 from pcdistill.losses import _pcd_rows as kernel
 from pcdistill.losses import _rows as rows_module
 from pcdistill.losses import pcd as pcd_module
@@ -109,6 +112,28 @@ def value_and_grad(fn, s, t, **kw):
     out = fn(s, t, **kw)
     (out.sum()).backward()
     return out.detach(), s.grad
+
+
+# every method of the table with a loss, and options that differ from its defaults (a new method gets an entry here,
+# so that every test parametrized over the table runs it)
+DISTILLING = [m for m in list_methods() if get_method(m).loss is not None]
+ROW_METHODS = [m for m in DISTILLING if get_method(m).row_spec is not None]  # those that run as rows
+OPTIONS = {"kd": dict(temperature=2.0), "dkd": dict(beta=2.0), "dist": dict(gamma=3.0),
+           "pcd": dict(temperature=2.0, stages=2, schedule="curriculum", progress=0.7, rank_by="teacher"),
+           "rkl": dict(temperature=2.0), "jsd": dict(beta=0.3, temperature=2.0), "tvd": dict(temperature=3.0)}
+
+
+def call(method, s, t, target=None, **kw):
+    """The loss of ``method`` from the table on ``(..., C)`` logits; a method that needs the target gets one."""
+    entry = get_method(method)
+    if entry.needs_target and target is None:
+        target = torch.arange(s.shape[:-1].numel()).reshape(s.shape[:-1]) % s.shape[-1]
+    return entry.loss(s, t, *((target,) if entry.needs_target else ()), **kw)
+
+
+def test_every_method_of_the_table_has_test_options():
+    assert set(OPTIONS) == set(DISTILLING)
+    assert {"kd", "dkd", "dist", "pcd", "rkl", "jsd", "tvd"} <= set(DISTILLING)
 
 
 @pytest.fixture(params=["one_chunk", "row_by_row"])
@@ -223,11 +248,11 @@ def test_invalid_rows_may_hold_garbage():
         assert torch.isfinite(gb).all()
 
 
-@pytest.mark.parametrize("fn", [pcd_loss, kd_loss])
-def test_no_valid_row_gives_differentiable_zero(fn):
+@pytest.mark.parametrize("method", ROW_METHODS)
+def test_no_valid_row_gives_differentiable_zero(method):
     s, t = pair((3, 5), seed=1)
     s.requires_grad_(True)
-    out = fn(s, t, valid=torch.zeros(3, dtype=torch.bool))
+    out = call(method, s, t, valid=torch.zeros(3, dtype=torch.bool))
     out.backward()
     assert out.item() == 0.0 and torch.all(s.grad == 0)
 
@@ -340,11 +365,10 @@ def test_stage_bounds_follow_tensor_split():
 def test_half_inputs_are_computed_in_float32(dtype):
     s, t = pair((8, 20), seed=1, dtype=torch.float32)
     s_h, t_h = s.to(dtype).requires_grad_(True), t.to(dtype)
-    for fn, kw in ((pcd_loss, {}), (kd_loss, {}), (dkd_loss, {"target": torch.arange(8)})):
-        args = (kw["target"],) if kw else ()
-        out = fn(s_h, t_h, *args)
+    for method in ROW_METHODS:
+        out = call(method, s_h, t_h)
         assert out.dtype == torch.float32
-        want = fn(s_h.detach().float(), t_h.float(), *args)
+        want = call(method, s_h.detach().float(), t_h.float())
         torch.testing.assert_close(out, want, rtol=0, atol=0)
         out.backward()
         assert s_h.grad.dtype == dtype
@@ -361,14 +385,12 @@ def test_float64_stays_float64_and_float32_matches_float64():
     torch.testing.assert_close(ga.double(), gb, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("fn", ["pcd", "kd", "dkd", "dist"])
-def test_gradients_flow_to_student_only(fn):
+@pytest.mark.parametrize("method", DISTILLING)
+def test_gradients_flow_to_student_only(method):
     s, t = pair((6, 9), seed=2)
     s.requires_grad_(True)
     t.requires_grad_(True)
-    call = {"pcd": lambda: pcd_loss(s, t), "kd": lambda: kd_loss(s, t),
-            "dkd": lambda: dkd_loss(s, t, torch.arange(6)), "dist": lambda: dist_loss(s, t)}[fn]
-    call().backward()
+    call(method, s, t).backward()
     assert s.grad is not None and torch.any(s.grad != 0)
     assert t.grad is None
 
@@ -503,14 +525,23 @@ def test_standardize_logits_formula():
     np.testing.assert_allclose(standardize_logits(z).numpy(), want, rtol=1e-12)
 
 
-def test_modules_equal_functions():
-    s, t = pair((5, 9), seed=4)
-    y = torch.arange(5)
-    kw = dict(temperature=2.0, stages=2, schedule="curriculum", rank_by="teacher", adaptive=False)
-    torch.testing.assert_close(PCDLoss(**kw)(s, t, progress=0.7), pcd_loss(s, t, progress=0.7, **kw))
-    torch.testing.assert_close(KDLoss(temperature=2.0)(s, t), kd_loss(s, t, temperature=2.0))
-    torch.testing.assert_close(DKDLoss(beta=2.0)(s, t, y), dkd_loss(s, t, y, beta=2.0))
-    torch.testing.assert_close(DISTLoss(gamma=3.0)(s, t), dist_loss(s, t, gamma=3.0))
+@pytest.mark.parametrize("method", DISTILLING)
+def test_modules_of_the_table_equal_their_functions(method):
+    s, t = pair((2, 3, 9), seed=4)
+    entry, options = get_method(method), dict(OPTIONS[method])
+    progress = options.pop("progress", None)
+    module = entry.module(**options)
+    target = torch.arange(6).reshape(2, 3)
+    args = (target,) if entry.needs_target else ()
+    extra = {"progress": progress} if entry.needs_progress else {}
+    want = call(method, s, t, target, **options, **extra)
+    torch.testing.assert_close(module(s, t, *args, **extra), want, rtol=0, atol=0)
+    # call_loss passes the target and the progress as the module, or the table's entry, declares
+    torch.testing.assert_close(call_loss(module, s, t, target, progress=progress), want, rtol=0, atol=0)
+    torch.testing.assert_close(call_loss(entry.loss, s, t, target, progress=progress, declared_by=entry, **options),
+                               want, rtol=0, atol=0)
+    assert entry.needs_target == ("target" in inspect.signature(entry.loss).parameters)
+    assert entry.needs_progress == ("progress" in inspect.signature(entry.loss).parameters)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,6 +590,18 @@ BAD = [
     (lambda: PCDLoss(stages=0), ValueError, "stages"),
     (lambda: KDLoss(temperature=-1), ValueError, "temperature"),
     (lambda: DKDLoss(reduction="x"), ValueError, "reduction"),
+    (lambda: rkl_loss(S, T_, temperature=0.0), ValueError, "temperature"),
+    (lambda: rkl_loss(S, T_[:2]), ValueError, "same shape"),
+    (lambda: jsd_loss(S, T_, beta=1.5), ValueError, r"beta must lie in \[0, 1\]"),
+    (lambda: jsd_loss(S, T_, beta=-0.1), ValueError, "beta"),
+    (lambda: jsd_loss(S, T_, beta=float("nan")), ValueError, "beta"),
+    (lambda: jsd_loss(S, T_, beta="0.5"), TypeError, "beta"),
+    (lambda: jsd_loss(S, T_, valid=torch.ones(4)), TypeError, "valid"),
+    (lambda: tvd_loss(S, T_, reduction="avg"), ValueError, "reduction"),
+    (lambda: tvd_loss(S, T_, class_mask=torch.ones(9, dtype=torch.bool)), ValueError, "class_mask"),
+    (lambda: RKLLoss(temperature=-1.0), ValueError, "temperature"),
+    (lambda: JSDLoss(beta=2.0), ValueError, "beta"),
+    (lambda: TVDLoss(reduction="max"), ValueError, "reduction"),
 ]
 
 
@@ -689,7 +732,7 @@ def test_student_only_minus_inf_gives_plus_inf_and_nan_gives_nan_for_that_row(ch
     assert dist_loss(s, t, reduction="none")[2:].isnan().all()
 
 
-@pytest.mark.parametrize("fn", ["kd", "dkd", "pcd", "pcd_k7_teacher", "released", "dist"])
+@pytest.mark.parametrize("fn", DISTILLING + ["pcd_k7_teacher", "released", "jsd_beta0"])
 def test_class_mask_equals_slicing(fn, chunking):
     s, t = pair((6, 15), seed=11)
     keep = torch.ones(15, dtype=torch.bool)
@@ -698,13 +741,10 @@ def test_class_mask_equals_slicing(fn, chunking):
     target = torch.tensor([1, 2, 3, 6, 7, 8])
     sliced_target = torch.tensor([0, 1, 2, 3, 4, 5])  # classes 1,2,3,6,7,8 are columns 0..5 after slicing
     calls = {
-        "kd": lambda a, b, m, y: kd_loss(a, b, class_mask=m),
-        "dkd": lambda a, b, m, y: dkd_loss(a, b, y, class_mask=m),
-        "pcd": lambda a, b, m, y: pcd_loss(a, b, class_mask=m),
         "pcd_k7_teacher": lambda a, b, m, y: pcd_loss(a, b, class_mask=m, stages=7, rank_by="teacher"),
         "released": lambda a, b, m, y: pcd_loss(a, b, class_mask=m, variant="released"),
-        "dist": lambda a, b, m, y: dist_loss(a, b, class_mask=m),
-    }[fn]
+        "jsd_beta0": lambda a, b, m, y: jsd_loss(a, b, class_mask=m, beta=0.0),
+    }.get(fn, lambda a, b, m, y: call(fn, a, b, y, class_mask=m))
     got, g_got = value_and_grad(lambda a, b: calls(a, b, keep, target), s, t)
     want, g_want = value_and_grad(lambda a, b: calls(a, b, None, sliced_target), s[:, keep], t[:, keep])
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -766,6 +806,8 @@ def test_chunking_changes_nothing_at_any_budget():
     lambda s, t: pcd_loss(s, t, adaptive="no"), lambda s, t: pcd_loss(s, t, standardize=None),
     lambda s, t: kd_loss(s, t, standardize=1), lambda s, t: dkd_loss(s, t, torch.arange(4), standardize="yes"),
     lambda s, t: PCDLoss(adaptive="no"), lambda s, t: KDLoss(standardize=0),
+    lambda s, t: rkl_loss(s, t, standardize=1), lambda s, t: jsd_loss(s, t, standardize="no"),
+    lambda s, t: TVDLoss(standardize=0),
 ])
 def test_booleans_must_be_bools(call):
     s, t = pair((4, 6), seed=0)
@@ -774,7 +816,9 @@ def test_booleans_must_be_bools(call):
 
 
 @pytest.mark.parametrize("cls,typo,word", [(PCDLoss, "tempreature", "temperature"), (KDLoss, "temprature", "temperature"),
-                                           (DKDLoss, "betta", "beta"), (DISTLoss, "gama", "gamma")])
+                                           (DKDLoss, "betta", "beta"), (DISTLoss, "gama", "gamma"),
+                                           (JSDLoss, "betaa", "beta"), (RKLLoss, "temperture", "temperature"),
+                                           (TVDLoss, "temprature", "temperature")])
 def test_module_arguments_suggest_the_closest(cls, typo, word):
     with pytest.raises(TypeError, match=f"did you mean '{word}'"):
         cls(**{typo: 1.0})
@@ -824,3 +868,133 @@ def test_minus_zero_ties_with_zero_in_the_ranking():
     wrong = 2 * (explicit_groups_loss(s[0], t[0], [[0, 1, 2]]) + explicit_groups_loss(s[0], t[0], [[0, 2], [1]]))
     assert abs(right - wrong) > 1e-3  # the case distinguishes the two orders
     torch.testing.assert_close(got, right, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reverse KL, generalized JSD, TVD: the formulas of METHOD.md, row by row, with every masking rule literally
+# ----------------------------------------------------------------------------------------------
+def ref_kl(p, q):
+    """KL(p || q) over the classes where p > 0 (0 log 0 = 0); +inf where q is 0 there."""
+    keep = p > 0
+    return (p[keep] * (p[keep].log() - q[keep].log())).sum()
+
+
+def ref_finite_zscore(z):
+    """z-score over the finite entries of a row (unbiased std, +1e-7); -inf stays -inf."""
+    finite = torch.isfinite(z)
+    mean, std = z[finite].mean(), z[finite].std()
+    return torch.where(finite, (z.masked_fill(~finite, 0.0) - mean) / (std + 1e-7), z)
+
+
+def ref_divergence_row(method, s, t, temperature=1.0, beta=0.5, standardize=False):
+    """One row: NaN gives NaN; classes -inf in both are sliced off; then the formula on p = softmax(z / T)."""
+    if torch.isnan(s).any() or torch.isnan(t).any():
+        return s.new_tensor(math.nan)
+    live = ~(torch.isneginf(s) & torch.isneginf(t))
+    if not live.any():
+        return s.new_zeros(())
+    s, t = s[live], t[live]
+    if standardize:
+        s, t = ref_finite_zscore(s), ref_finite_zscore(t)
+    p_s, p_t = torch.softmax(s / temperature, 0), torch.softmax(t / temperature, 0)
+    if method == "tvd":
+        value = 0.5 * (p_t - p_s).abs().sum()
+    elif method == "rkl" or beta == 1:
+        value = ref_kl(p_s, p_t)
+    elif beta == 0:
+        value = ref_kl(p_t, p_s)
+    else:
+        m = beta * p_t + (1 - beta) * p_s
+        value = beta * ref_kl(p_t, m) + (1 - beta) * ref_kl(p_s, m)
+    return temperature**2 * value
+
+
+DIVERGENCES = [("rkl", {}), ("rkl", {"temperature": 2.0, "standardize": True}), ("jsd", {}),
+               ("jsd", {"beta": 0.1, "temperature": 4.0}), ("jsd", {"beta": 0.0}),
+               ("jsd", {"beta": 1.0, "standardize": True}), ("tvd", {}),
+               ("tvd", {"temperature": 3.0, "standardize": True})]
+
+
+@pytest.mark.parametrize("method,kw", DIVERGENCES, ids=[m + "".join(f"-{k}={v}" for k, v in kw.items())
+                                                         for m, kw in DIVERGENCES])
+def test_divergences_match_the_formula_with_every_masking_rule(method, kw, chunking):
+    s, t = masked_pair(9, 12, seed=31, teacher_only=0.0)  # rows 5-8: classes -inf in both (absent)
+    s[0], t[0] = NEG, NEG  # no live class: 0
+    s[1, 3], t[1, 3] = NEG, 1.0  # -inf in the student only
+    s[2, 5] = math.nan
+    t[3, 0] = math.nan
+    s[4, 2], t[4, 2] = 0.5, NEG  # -inf in the teacher only
+    got, g_got = value_and_grad(lambda a, b: call(method, a, b, reduction="none", **kw), s, t)
+    want, g_want = ref_rows_value_and_grad(lambda a, b: ref_divergence_row(method, a, b, **kw), s, t)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, equal_nan=True)
+    beta = kw.get("beta", 0.5)
+    assert got[0] == 0 and got[2].isnan() and got[3].isnan() and torch.isfinite(got[5:]).all()
+    assert torch.isinf(got[1]) == (method == "jsd" and beta == 0)  # forward KL: student-only -inf is +inf
+    assert torch.isinf(got[4]) == (method == "rkl" or (method == "jsd" and beta == 1))  # reverse KL: teacher-only
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(g_got[finite], g_want[finite], rtol=1e-9, atol=1e-12)
+    assert (g_got[0] == 0).all()
+
+
+@pytest.mark.parametrize("method,kw", [("rkl", {"temperature": 2.0}), ("jsd", {"beta": 0.3, "standardize": True}),
+                                       ("jsd", {"beta": 0.0}), ("jsd", {"beta": 1.0}), ("tvd", {"temperature": 2.0})])
+def test_divergences_gradcheck(method, kw):
+    s, t = pair((3, 8), seed=12)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: call(method, x, t, **kw), (s,), eps=1e-6, atol=1e-7)
+
+
+def test_jsd_ends_are_forward_and_reverse_kl():
+    """TRL's convention: beta = 0 is KL(p_t || p_s) (KD), beta = 1 is KL(p_s || p_t), though the formula tends
+    to 0 at both ends."""
+    s, t = pair((7, 11), seed=13)
+    for beta, other in ((0.0, kd_loss), (1.0, rkl_loss)):
+        got, g_got = value_and_grad(jsd_loss, s, t, beta=beta, temperature=2.0)
+        want, g_want = value_and_grad(other, s, t, temperature=2.0)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=0)
+    assert jsd_loss(s, t, beta=1e-9) < 1e-6 < jsd_loss(s, t, beta=0.0)
+
+
+def test_jsd_follows_trl_generalized_jsd():
+    """TRL's ``generalized_jsd_loss`` reading, in log space: the mixture's log is a logsumexp of
+    ``log p_s + log(1 - beta)`` and ``log p_t + log beta``; ``beta`` weighs KL(p_t || m)."""
+    s, t = pair((6, 9), seed=14)
+    beta, T = 0.2, 2.0
+    log_s, log_t = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+    log_m = torch.logsumexp(torch.stack([log_s + math.log(1 - beta), log_t + math.log(beta)]), 0)
+    kl_t = F.kl_div(log_m, log_t, reduction="none", log_target=True).sum(-1)
+    kl_s = F.kl_div(log_m, log_s, reduction="none", log_target=True).sum(-1)
+    torch.testing.assert_close(jsd_loss(s, t, beta=beta, temperature=T, reduction="none"),
+                               T * T * (beta * kl_t + (1 - beta) * kl_s), rtol=1e-12, atol=1e-12)
+
+
+def test_symmetric_jsd_and_tvd_are_bounded():
+    s, t = pair((20, 30), seed=15, scale=20.0)  # nearly one-hot rows: near the bounds
+    jsd = jsd_loss(s, t, temperature=2.0, reduction="none")
+    torch.testing.assert_close(jsd, jsd_loss(t, s, temperature=2.0, reduction="none"), rtol=1e-12, atol=1e-12)
+    assert (jsd >= 0).all() and (jsd <= 4 * math.log(2) + 1e-12).all() and jsd.max() > 0.9 * 4 * math.log(2)
+    tvd = tvd_loss(s, t, temperature=2.0, reduction="none")
+    assert (tvd >= 0).all() and (tvd <= 4 + 1e-12).all()
+
+
+def test_tvd_gradient_is_the_zero_subgradient_where_the_probabilities_agree():
+    s, t = pair((4, 6), seed=16)
+    t[:2] = s[:2]  # rows 0, 1: p_s == p_t in every class
+    got, grad = value_and_grad(tvd_loss, s, t, reduction="none")
+    assert (got[:2] == 0).all() and (grad[:2] == 0).all() and (grad[2:] != 0).any()
+
+
+@pytest.mark.parametrize("method", ROW_METHODS)
+def test_invalid_rows_hold_anything_and_count_for_nothing(method):
+    s, t = pair((2, 4, 7), seed=17)
+    valid = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    s[~valid] = math.nan  # padding may hold anything
+    target = torch.arange(8).reshape(2, 4) % 7
+    for reduction in ("mean", "sum"):
+        got, g_got = value_and_grad(lambda a, b: call(method, a, b, target, valid=valid, reduction=reduction), s, t)
+        want, g_want = value_and_grad(lambda a, b: call(method, a, b, target[valid], reduction=reduction),
+                                      s[valid], t[valid])
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g_got[valid], g_want, rtol=1e-12, atol=1e-12)
+        assert (g_got[~valid] == 0).all()

@@ -59,3 +59,9 @@ def test_snippet_runs_as_written(index, workdir, monkeypatch):
     for value in losses:
         values = value.values() if isinstance(value, dict) else [value]
         assert all(torch.isfinite(v) for v in values)
+
+
+def test_adding_a_method_shows_the_real_registration():
+    section = (REPO / "README.md").read_text().split("## Adding a method", 1)[1].split("\n## ", 1)[0]
+    listing = re.search(r"^```\n(.*?)^```", section, re.S | re.M).group(1)
+    assert listing.strip() in (REPO / "src" / "pcdistill" / "losses" / "methods.py").read_text()

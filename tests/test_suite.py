@@ -10,13 +10,15 @@ import torch
 from scipy import stats
 
 from pcdistill.evidence.analysis import analyse, bucket_gaps
-from pcdistill.evidence.suite import T_975, paired_interval, quick_plan, run_plan
+from pcdistill.evidence.pipeline import run_suite
+from pcdistill.evidence.suite import quick_plan
+from pcdistill.evidence.tables import T_975, paired_interval
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite")
-    run_plan(quick_plan(), out, jobs=2, log=lambda *_: None)
+    run_suite(quick_plan(), out, jobs=2, log=lambda *_: None)
     return out
 
 
@@ -37,14 +39,14 @@ def test_quick_suite_writes_every_run_and_the_tables(quick):
 
 def test_a_finished_suite_is_not_redone(quick):
     stamps = {p: p.stat().st_mtime_ns for p in (quick / "runs").rglob("model.safetensors")}
-    run_plan(quick_plan(), quick, jobs=2, log=lambda *_: None)
+    run_suite(quick_plan(), quick, jobs=2, log=lambda *_: None)
     assert {p: p.stat().st_mtime_ns for p in (quick / "runs").rglob("model.safetensors")} == stamps
 
 
 def test_a_run_of_another_config_is_refused_not_reused(quick):
     import yaml
     from pcdistill.config import ConfigError
-    from pcdistill.evidence.suite import run_once
+    from pcdistill.evidence.pipeline import run_once
     run_dir = next(p.parent for p in (quick / "runs").rglob("model.safetensors") if "final" in p.parts)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     run_once(config, run_dir)  # the same experiment (paths as saved): read back

@@ -161,6 +161,50 @@ def test_distiller_keeps_the_teacher_frozen():
     assert all(p.grad is not None for p in student.parameters())
 
 
+def _classifier(teacher, **kw):
+    return Distiller(models.create("cnn_tiny", num_classes=10), teacher, KDLoss(), **kw)
+
+
+def _detector(teacher, **kw):
+    from pcdistill.detection.distill import RoIDistiller
+    from tests.test_detection import tiny_detector
+    return RoIDistiller(tiny_detector(0), teacher, KDLoss(), **kw)
+
+
+def _causal_lm(teacher, **kw):
+    from pcdistill.lm.distill import CausalLMDistiller
+    from tests.test_lm_distill import tiny_lm
+    return CausalLMDistiller(tiny_lm(vocab=teacher.config.vocab_size), teacher, loss="kd", **kw)
+
+
+def _teacher(kind):
+    if kind == "classifier":
+        return models.create("cnn_small", num_classes=10)
+    if kind == "detector":
+        from tests.test_detection import tiny_detector
+        return tiny_detector(1)
+    from tests.test_lm_distill import tiny_lm
+    return tiny_lm(seed=1)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "detector", "causal_lm"])
+def test_every_distiller_freezes_its_teacher_and_checks_its_warmup(kind):
+    """The three distillers share DistillerBase: the teacher frozen in eval mode, the ramp and its checks."""
+    build = {"classifier": _classifier, "detector": _detector, "causal_lm": _causal_lm}[kind]
+    teacher = _teacher(kind).train()
+    distiller = build(teacher, alpha=1.0, warmup_epochs=4)
+    distiller.train()
+    assert distiller.student.training and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert [distiller.warmup(e) for e in (0.0, 1.0, 6.0)] == [0.0, 0.25, 1.0]
+    with pytest.raises(ValueError, match=r"warmup_epochs=4 .* pass epoch="):
+        distiller.warmup(None)
+    assert build(teacher, warmup_epochs=0).warmup(None) == 1.0
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="warmup_epochs must be a finite number >= 0"):
+            build(teacher, warmup_epochs=bad)
+
+
 def test_distiller_passes_targets_and_progress():
     student, teacher, x, y = small_pair()
     _, losses = Distiller(student, teacher, DKDLoss())(x, y)

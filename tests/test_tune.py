@@ -32,7 +32,8 @@ def test_tune_runs_every_weight_and_chooses_by_validation(teacher, tmp_path):
     config["teacher"]["weights"] = str(teacher / "teacher")
     path = tmp_path / "kd.yaml"
     path.write_text(yaml.safe_dump(config))
-    done = run_cli("tune", str(path), "trainer.seed=1", "--grid", "0.5", "1", "3", "--out", str(tmp_path / "t"))
+    done = run_cli("tune", str(path), "trainer.seed=1", "trainer.epochs=1", "--grid", "0.5", "1", "3",
+                   "--out", str(tmp_path / "t"))
     assert done.returncode == 0, done.stderr[-2000:]
     with open(tmp_path / "t" / "tune.csv") as f:
         rows = list(csv.DictReader(f))
@@ -46,7 +47,9 @@ def test_tune_runs_every_weight_and_chooses_by_validation(teacher, tmp_path):
     best = max(val.values())
     closest_to_published = min((a for a, v in val.items() if v == best), key=lambda a: abs(math.log(a / 2.0)))
     assert [float(r["alpha"]) for r in rows if r["chosen"] == "True"] == [closest_to_published]
-    assert f"distill.alpha={closest_to_published:g}" in done.stdout and "test_acc" not in done.stdout
+    assert "test_acc" not in done.stdout
+    assert f"(train with: pcdistill train {path} trainer.seed=1 distill.alpha={closest_to_published:g} --out DIR; " \
+           f"at the config's length: the tuning runs' trainer.epochs=1 left out)" in done.stdout, done.stdout
 
 
 def test_tune_refuses_a_vanilla_config(tmp_path):

@@ -647,7 +647,9 @@ def test_convert_then_eval_the_standard_teacher(tmp_path):
     for weights in (ckpt, out):
         proc = run_cli("eval", str(config), f"teacher.weights={weights}")
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.splitlines()[0].startswith("test: acc 75.00,"), proc.stdout
+        heading, result = proc.stdout.splitlines()[:2]
+        assert heading == f"the teacher of {config}: resnet8 with {weights} (teacher.weights)", proc.stdout
+        assert result.startswith("test: acc 75.00%,"), proc.stdout
     proc = run_cli("convert", str(ckpt), "--model", "wrn_16_1", "--num-classes", "100", "--out", str(out))
     assert proc.returncode == 2 and "does not fit this WideResNet" in proc.stderr
     config.write_text(yaml.safe_dump({"data": {"name": "cifar100", "root": str(tmp_path / "data")},

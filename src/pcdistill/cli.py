@@ -58,10 +58,24 @@ def cmd_train(args) -> int:
                               f"(overrides look like section.key=value)")
         if not args.out:
             raise ConfigError("pcdistill train needs --out DIR, the run folder to write")
-        summary = train(load_config(paths[0], overrides), args.out)
+        cfg = load_config(paths[0], overrides)
+        check_teacher_exists(cfg, paths[0])
+        summary = train(cfg, args.out)
     if summary.epochs and _is_main():
         print(format_summary(summary))
     return 0
+
+
+def check_teacher_exists(cfg, config: str | Path) -> None:
+    """A missing teacher named with the command that trains it (the config folder's teacher.yaml, if any)."""
+    key, value = ("teacher.path", cfg.teacher.path) if cfg.teacher.path else ("teacher.weights", cfg.teacher.weights)
+    if not cfg.teacher.name or not value or Path(value).expanduser().exists():
+        return
+    run = Path(value).parent if Path(value).name == "model.safetensors" else Path(value)
+    teacher_config = Path(config).parent / "teacher.yaml"
+    teacher_config = teacher_config if teacher_config.is_file() else "<the teacher's config>"
+    raise ConfigError(f"{key} {value!r} does not exist: train the teacher first (pcdistill train {teacher_config} "
+                      f"--out {run}) or set {key} to a trained one")
 
 
 def _is_main() -> bool:
@@ -77,21 +91,25 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"pcdistill eval takes one run folder, weights file or distillation config; got "
                           f"{', '.join(map(repr, paths)) or 'none'}")
     target = Path(paths[0])
+    heading = None  # what a config's evaluation is of
     if not target.exists():
         raise ConfigError(f"{str(target)!r} does not exist; pass a run folder of `pcdistill train` (holding "
                           f"config.yaml and model.safetensors), a .safetensors file, or a distillation config")
     if target.suffix in (".yaml", ".yml"):  # a distillation config: evaluate its teacher
         cfg = load_config(target, overrides)
+        check_teacher_exists(cfg, target)
         if cfg.teacher.name and cfg.teacher.path:  # a causal LM teacher: its folder holds model and tokenizer
             cfg.model = ModelConfig(name="hf", weights=cfg.teacher.path)
             cfg.data.options = cfg.data.options | {"tokenizer": cfg.teacher.path}
             weights = None
+            heading = f"the teacher of {target}: {cfg.teacher.path} (teacher.path)"
         elif not cfg.teacher.name or not cfg.teacher.weights:
             raise ConfigError(f"{str(target)!r} names no teacher with weights; set teacher.name and teacher.weights "
                               f"(teacher.path for a causal LM)")
         else:
             cfg.model = ModelConfig(name=cfg.teacher.name, options=cfg.teacher.options)
             weights = cfg.teacher.weights
+            heading = f"the teacher of {target}: {cfg.teacher.name} with {weights} (teacher.weights)"
     else:
         folder = target if target.is_dir() else target.parent
         weights = target / "model.safetensors" if target.is_dir() else target
@@ -100,31 +118,84 @@ def cmd_eval(args) -> int:
             raise ConfigError(f"{str(folder)!r} has no config.yaml; pass --config, the config {str(weights)!r} "
                               f"was trained with")
         cfg = load_config(config, overrides)
-    results = evaluate_weights(cfg, weights, splits=args.split or ["val", "test"])
+        if cfg.task == "causal_lm" and (folder / "tokenizer").is_dir() and not _sets_tokenizer(overrides):
+            # the tokenizer the run used (maybe its teacher's), not one rebuilt from data.options.vocab_size
+            cfg.data.options = cfg.data.options | {"tokenizer": str(folder / "tokenizer")}
+    try:
+        results = evaluate_weights(cfg, weights, splits=args.split or ["val", "test"])
+    except ConfigError as err:
+        if cfg.task == "causal_lm" and "shape mismatch" in str(err):
+            raise ConfigError(f"{err}. A causal LM's vocabulary is its tokenizer's: evaluate it with the tokenizer "
+                              f"it was trained with (a run folder's tokenizer/ is used unless "
+                              f"data.options.tokenizer=FOLDER is given)") from None
+        raise
+    if heading:
+        print(heading)
+    from pcdistill.tasks import format_metric
     for split, metrics in results.items():
-        print(f"{split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        print(f"{split}: " + ", ".join(f"{k} {format_metric(k, v)}" for k, v in metrics.items()))
     return 0
 
 
-def cmd_list(args) -> int:
+def _sets_tokenizer(overrides: list[str]) -> bool:
+    return any(o.split("=", 1)[0] in ("data", "data.options", "data.options.tokenizer") for o in overrides)
+
+
+OVERVIEW_LIMIT = 40  # a section longer than this shows examples in `pcdistill list`, all names when named
+TIMM_EXAMPLES = ("resnet18", "resnet50", "mobilenetv3_large_100", "efficientnet_b0", "convnext_tiny",
+                 "deit_tiny_patch16_224", "vit_base_patch16_224")
+
+
+def list_sections() -> dict[str, tuple[str, list[str] | str]]:
+    """``{section: (what it is for, names)}``; names is a string when the section needs an extra installed."""
     from pcdistill import data, losses, models
-    sections = {"models": models.list_models(), "datasets": data.list_datasets(), "methods": losses.list_methods()}
+    from pcdistill.data.text import list_corpora
+    from pcdistill.lm.models import CONFIGS
+    sections: dict[str, tuple[str, list[str] | str]] = {
+        "models": ("model.name, teacher.name", models.list_models()),
+        "timm": ("model.name, teacher.name: timm/<architecture>", ""),
+        "datasets": ("data.name", data.list_datasets()),
+        "methods": ("distill.method", losses.list_methods()),
+    }
     try:
-        sections["timm"] = models.list_timm_models()
+        sections["timm"] = (sections["timm"][0], models.list_timm_models())
     except ValueError:  # the optional timm extra is not installed
-        pass
-    try:
-        from pcdistill import detection
-        sections["detectors"] = detection.list_detectors()
-        sections["detection_datasets"] = detection.list_detection_datasets()
-    except ImportError:
-        pass
+        sections["timm"] = (sections["timm"][0], "not installed: pip install 'pcdistill[timm]'")
+    from pcdistill import detection
+    sections["detectors"] = ("model.name, teacher.name for task: detection", detection.list_detectors())
+    sections["detection_datasets"] = ("data.name for task: detection", detection.list_detection_datasets())
+    sections["lm_models"] = ("model.name, teacher.name for task: causal_lm (the lm extra): a random init of that "
+                             "transformers config (model.options: its keys), or hf: the save_pretrained or causal_lm "
+                             "run folder in model.weights / teacher.path", [*CONFIGS, "hf"])
+    sections["lm_corpora"] = ("data.name for task: causal_lm", list_corpora())
+    return sections
+
+
+def cmd_list(args) -> int:
+    import fnmatch
+    import textwrap
+    sections = list_sections()
     unknown = [w for w in args.words if w not in sections]
     if unknown:
         raise ConfigError(f"pcdistill list: unknown section {unknown[0]!r}{closest(unknown[0], sections)}; "
                           f"choose from {', '.join(sections)}")
     for name in args.words or list(sections):
-        print(f"{name}: {', '.join(sections[name])}")
+        what, names = sections[name]
+        if isinstance(names, str):  # an extra that is not installed
+            if args.words:
+                raise ConfigError(f"pcdistill list {name}: {names}")
+            print(f"{name} ({what}): {names}")
+            continue
+        if args.match:
+            names = [n for n in names if fnmatch.fnmatch(n, args.match) or fnmatch.fnmatch(n, f"timm/{args.match}")]
+        shown, more = names, ""
+        if not args.words and not args.match and len(names) > OVERVIEW_LIMIT:
+            shown = [n for n in names if n.removeprefix("timm/") in TIMM_EXAMPLES] or names[:len(TIMM_EXAMPLES)]
+            more = (f", ... ({len(names) - len(shown)} more; all: pcdistill list {name}, or some: "
+                    f"pcdistill list {name} --match '*vit*')")
+        text = f"{name} ({len(names)}; {what}): {', '.join(shown) or 'none'}{more}"
+        print(textwrap.fill(text, width=100, subsequent_indent="    ", break_on_hyphens=False,
+                            break_long_words=False))
     return 0
 
 
@@ -173,9 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split to evaluate; repeat for both (default: val and test)")
     p.set_defaults(func=cmd_eval, parser=p)
 
-    p = sub.add_parser("list", help="list models, datasets and distillation methods")
+    p = sub.add_parser("list", help="list models, datasets, methods, detectors, language models and corpora")
     p.add_argument("words", nargs="*", metavar="SECTION",
-                   help="models, datasets, methods, timm, detectors, detection_datasets (default: all)")
+                   help="models, timm, datasets, methods, detectors, detection_datasets, lm_models, lm_corpora "
+                   "(default: all, long sections shortened to examples; a named section is listed whole)")
+    p.add_argument("--match", metavar="GLOB", help="only the names matching GLOB, e.g. '*vit*' or 'resnet*'")
     p.set_defaults(func=cmd_list, parser=p)
 
     p = sub.add_parser("convert", help="rewrite a weights file (e.g. a CRD/mdistiller checkpoint) as our safetensors")

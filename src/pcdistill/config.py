@@ -17,7 +17,8 @@ model     name (``pcdistill list models``, or ``timm/<name>`` for any timm model
 teacher   name, weights (a ``model.safetensors`` file, a run folder, or a torch checkpoint such as the
           CRD/mdistiller ``ckpt_epoch_240.pth``), options, path (``task: causal_lm`` only: the run folder
           of a causal_lm teacher run, or a Hugging Face ``save_pretrained`` folder)
-distill   method (vanilla | kd | dkd | dist | pcd), ce_weight, alpha, warmup_epochs,
+distill   method (``pcdistill list methods``: vanilla | kd | dkd | dist | pcd | rkl | jsd | tvd), ce_weight,
+          alpha, warmup_epochs,
           loss (that method's arguments, e.g. temperature, stages), box_reg_weight (detection only)
 optim     name (sgd | adamw), lr, momentum, weight_decay, nesterov, clip_grad_norm
 schedule  name (multistep | cosine | constant), milestones, gamma, unit (epoch | iteration),
@@ -38,6 +39,7 @@ import dataclasses
 import os
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,9 +183,27 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+class _MethodNames(Sequence):
+    """The names of the method table (``pcdistill.losses.methods``), read when used: importing this module
+    imports no torch."""
+
+    def _names(self) -> list[str]:
+        from pcdistill.losses import list_methods
+        return list_methods()
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __repr__(self) -> str:
+        return repr(tuple(self._names()))
+
+
 CHOICES = {
     "task": ("classification", "detection", "causal_lm"),
-    "distill.method": ("vanilla", "kd", "dkd", "dist", "pcd"),
+    "distill.method": _MethodNames(),
     "optim.name": ("sgd", "adamw"),
     "schedule.name": ("multistep", "cosine", "constant"),
     "schedule.unit": ("epoch", "iteration"),
@@ -329,10 +349,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(apply_overrides(data, list(overrides or [])))
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """A value used twice is written out twice: no ``&id001`` / ``*id001`` for people to decode."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def dump_yaml(data, **options) -> str:
+    """``yaml.safe_dump`` without anchors and aliases (``options``: sort_keys, default_flow_style, width, ...)."""
+    return yaml.dump(data, Dumper=_PlainDumper, **options)
+
+
 def save_config(cfg: Config, path: str | Path, given: dict[str, str] | None = None) -> None:
     """Write ``cfg`` as YAML; ``given`` (key -> path as typed) goes into a header comment, for display."""
     header = "".join(f"# {key} was given as {value!r}\n" for key, value in (given or {}).items())
-    Path(path).write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(header + dump_yaml(to_dict(cfg), sort_keys=False))
 
 
 # paths a run reads; stored absolute so that a run resumes or is evaluated from any directory
@@ -448,11 +480,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schedule.milestones must be increasing; got {cfg.schedule.milestones}")
     if d.method == "vanilla":
         if d.loss:
+            others = ", ".join(m for m in CHOICES["distill.method"] if m != "vanilla")
             raise ConfigError(f"distill.loss is set ({d.loss}) but distill.method is 'vanilla', which uses no "
-                              f"distillation loss; choose a method (kd, dkd, dist, pcd) or remove distill.loss")
+                              f"distillation loss; choose a method ({others}) or remove distill.loss")
     else:
-        from pcdistill.losses import build_loss, loss_arguments
+        from pcdistill.losses import build_loss, list_methods, loss_arguments
         defaults = loss_arguments(d.method)
+        foreign = [key for key in d.loss if key not in defaults]
+        if foreign:  # often left over from the config's own method, e.g. pcd's stages after distill.method=kd
+            owners = [m for m in list_methods() if m not in ("vanilla", d.method)
+                      and foreign[0] in loss_arguments(m)]
+            hint = (f" (it is {' and '.join(owners)}'s; distill.loss holds the options of distill.method: drop the "
+                    f"other method's with distill.loss={{}}, or set {d.method}'s with distill.loss={{...}})"
+                    if owners else closest(foreign[0], defaults))
+            raise ConfigError(f"distill.loss.{foreign[0]} is not an option of {d.method}{hint}; {d.method} takes "
+                              f"{', '.join(defaults)}")
         for key, value in d.loss.items():
             if isinstance(defaults.get(key), bool) and not isinstance(value, bool):
                 raise ConfigError(f"distill.loss.{key} must be true or false; got {value!r} ({type(value).__name__})")
@@ -486,10 +528,13 @@ def validate(cfg: Config) -> None:
 
 def _validate_causal_lm(cfg: Config) -> None:
     """What ``task: causal_lm`` accepts beyond the common checks (the rest is checked when the task is built)."""
+    from pcdistill.losses import fused_methods, get_method
     d, t = cfg.distill, cfg.teacher
-    if d.method == "dist":
-        raise ConfigError("distill.method 'dist' is not available for task: causal_lm: DIST has no form fused with "
-                          "the output layer, which causal LMs distill through; choose vanilla, kd, dkd or pcd")
+    if d.method not in fused_methods():
+        why = get_method(d.method).unfused_because
+        raise ConfigError(f"distill.method {d.method!r} is not available for task: causal_lm: it has no form fused "
+                          f"with the output layer, which causal LMs distill through ({why}); "
+                          f"choose one of {', '.join(fused_methods())}")
     if d.box_reg_weight:
         raise ConfigError("distill.box_reg_weight applies to detection only; set it to 0")
     if cfg.trainer.channels_last:

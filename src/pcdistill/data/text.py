@@ -82,13 +82,18 @@ def list_corpora() -> list[str]:
     return CORPORA.names()
 
 
-def build_corpus(name: str, **options) -> TextSplits:
-    """The train/val/test documents of corpus `name`; an unknown option is a `DatasetError`."""
+def corpus_options(name: str) -> list[str]:
+    """The options of corpus `name` (its builder's parameters); an unknown corpus is a `DatasetError`."""
     try:
-        builder = CORPORA.get(name)
+        return list(inspect.signature(CORPORA.get(name)).parameters)
     except ValueError as err:
         raise DatasetError(str(err)) from None
-    known = list(inspect.signature(builder).parameters)
+
+
+def build_corpus(name: str, **options) -> TextSplits:
+    """The train/val/test documents of corpus `name`; an unknown option is a `DatasetError`."""
+    known = corpus_options(name)
+    builder = CORPORA.get(name)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise DatasetError(

@@ -32,7 +32,8 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from pcdistill.detection.models import detector_num_classes
-from pcdistill.distiller import check_epoch
+from pcdistill.distiller import DistillerBase
+from pcdistill.losses import call_loss
 
 _TRANSFORM_SETTINGS = ("min_size", "max_size", "image_mean", "image_std", "size_divisible", "fixed_size")
 
@@ -76,7 +77,7 @@ def check_compatible(student: FasterRCNN, teacher: FasterRCNN) -> None:
                              f"student {s_value!r}, teacher {t_value!r}")
 
 
-class RoIDistiller(nn.Module):
+class RoIDistiller(DistillerBase):
     """A Faster R-CNN student trained with RoI-logit distillation from a frozen teacher.
 
     Args:
@@ -92,42 +93,27 @@ class RoIDistiller(nn.Module):
             positive proposals, summed and divided by the number of sampled proposals (the
             normalisation of `loss_box_reg`).
 
-    The teacher is stored as a submodule (so `.to()` moves it) but has `requires_grad=False` and
-    stays in eval mode whatever `train()` is given; save `distiller.student` alone as the result.
+    The teacher is frozen (:class:`pcdistill.distiller.DistillerBase`: a submodule, so `.to()` moves
+    it, with `requires_grad=False`, in eval mode whatever `train()` is given); save
+    `distiller.student` alone as the result.
     """
 
     def __init__(self, student: FasterRCNN, teacher: FasterRCNN | None, loss: nn.Module | None = None, *,
                  alpha: float = 1.0, warmup_epochs: float = 0.0, box_reg_weight: float = 0.0):
-        super().__init__()
-        if warmup_epochs < 0 or box_reg_weight < 0:
-            raise ValueError(f"warmup_epochs and box_reg_weight must be >= 0; got {warmup_epochs}, {box_reg_weight}")
+        if box_reg_weight < 0:
+            raise ValueError(f"box_reg_weight must be >= 0; got {box_reg_weight}")
         if teacher is None and (loss is not None or box_reg_weight > 0):
             raise ValueError("a teacher is needed when a distillation loss or box_reg_weight > 0 is given")
         if teacher is not None:
             check_compatible(student, teacher)
-            teacher.requires_grad_(False)
-            teacher.eval()
-        self.student = student
-        self.teacher = teacher
+        super().__init__(student, teacher, alpha=alpha, warmup_epochs=warmup_epochs)
         self.loss = loss
-        self.alpha = float(alpha)
-        self.warmup_epochs = float(warmup_epochs)
         self.box_reg_weight = float(box_reg_weight)
-
-    def train(self, mode: bool = True) -> "RoIDistiller":
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
 
     @property
     def distills(self) -> bool:
         """Whether a training step uses the teacher."""
         return self.loss is not None or self.box_reg_weight > 0
-
-    def ramp(self, epoch: float) -> float:
-        """The warm-up factor `min(epoch / warmup_epochs, 1)` (1 without warm-up)."""
-        return 1.0 if self.warmup_epochs == 0 else min(float(epoch) / self.warmup_epochs, 1.0)
 
     def rois(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
              with_teacher: bool = True) -> RoIOutputs:
@@ -155,10 +141,7 @@ class RoIDistiller(nn.Module):
 
     def distill_loss(self, student_logits, teacher_logits, labels, progress=None) -> torch.Tensor:
         """`loss` on the two logit tensors, with labels / progress when the loss asks for them."""
-        kwargs = {"progress": progress} if getattr(self.loss, "needs_progress", False) else {}
-        if getattr(self.loss, "needs_target", False):
-            return self.loss(student_logits, teacher_logits, labels, **kwargs)
-        return self.loss(student_logits, teacher_logits, **kwargs)
+        return call_loss(self.loss, student_logits, teacher_logits, labels, progress=progress)
 
     def forward(self, images, targets=None, *, epoch: float | None = None, progress: float | None = None):
         """Train mode: `(None, losses)` with `loss_classifier`, `loss_box_reg`, `loss_objectness`,
@@ -171,14 +154,12 @@ class RoIDistiller(nn.Module):
             return self.student(images)
         if targets is None:
             raise ValueError("RoIDistiller needs targets in train mode")
-        if self.distills:
-            check_epoch(epoch, self.warmup_epochs)
+        ramp = self.warmup(epoch) if self.distills else 0.0  # checks epoch before any work
         out = self.rois(images, targets, with_teacher=self.distills)
         labels = list(out.labels.split([len(p) for p in out.proposals]))
         loss_classifier, loss_box_reg = fastrcnn_loss(out.student_logits, out.student_boxes, labels,
                                                       out.regression_targets)
         losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, **out.rpn_losses}
-        ramp = self.ramp(0.0 if epoch is None else epoch)
         if self.loss is not None:
             value = self.distill_loss(out.student_logits, out.teacher_logits, out.labels, progress)
             losses["distill"] = self.alpha * ramp * value

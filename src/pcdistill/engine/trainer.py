@@ -41,7 +41,7 @@ from pcdistill.config import Config, ConfigError, from_dict, resolve_paths, resu
 from pcdistill.engine import distributed
 from pcdistill.engine.checkpoint import export_weights, load_checkpoint, save_checkpoint
 from pcdistill.engine.records import RunRecords, read_metrics
-from pcdistill.tasks import Task, build_task
+from pcdistill.tasks import Task, build_task, format_metric
 
 
 class NonFiniteLossError(RuntimeError):
@@ -351,7 +351,7 @@ def end_of_epoch(run: Run, epoch: int, losses: EpochLosses, epoch_start: float) 
     # an epoch the run cuts short is saved as a position inside it, so that extending the run finishes it
     save(run, losses.partial() if run.step % run.steps_per_epoch else None)
     if ctx.is_main:
-        shown = ", ".join(f"{k} {record[k]:.2f}" for k in record
+        shown = ", ".join(f"{k} {format_metric(k, record[k])}" for k in record
                           if k.startswith(("val_", "test_")) and isinstance(record[k], float))
         tqdm.write(f"epoch {epoch + 1}/{run.epochs}: train_loss {record['train_loss']:.4f}, {shown}")
 
@@ -504,12 +504,13 @@ def _summary(out_dir: Path, task, seconds: float, student: nn.Module | None = No
 
 def format_summary(summary: Summary) -> str:
     key = f"test_{summary.headline}"
-    lines = [f"run: {summary.out_dir}  ({summary.epochs} epochs, {summary.seconds:.1f} s)"]
+    epochs = f"{summary.epochs} epoch{'s' if summary.epochs != 1 else ''}"
+    lines = [f"run: {summary.out_dir}  ({epochs}, {summary.seconds:.1f} s)"]
     if key in summary.final:
-        lines.append(f"final-epoch {key}: {summary.final[key]:.2f}")
+        lines.append(f"final-epoch {key}: {format_metric(key, summary.final[key])}")
         val = f"val_{summary.headline}"
         if val in summary.final:
-            lines.append(f"final-epoch {val}: {summary.final[val]:.2f}")
+            lines.append(f"final-epoch {val}: {format_metric(val, summary.final[val])}")
         lines.append(f"best {key} over epochs (for reference only; not used for any choice): "
-                     f"{summary.best.get(key, float('nan')):.2f}")
+                     f"{format_metric(key, summary.best.get(key, float('nan')))}")
     return "\n".join(lines)

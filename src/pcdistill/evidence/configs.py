@@ -16,8 +16,7 @@ import csv
 import json
 from pathlib import Path
 
-import yaml
-
+from pcdistill.config import dump_yaml
 from pcdistill.evidence import detection, lm, suite
 
 CLASSIFICATION = {
@@ -43,8 +42,8 @@ def chosen_alphas(path: Path, dataset: str | None = None) -> dict[str, float]:
 
 
 def _dump(header: list[str], config: dict) -> str:
-    return "".join(f"# {line}\n" for line in header) + yaml.safe_dump(config, sort_keys=False, default_flow_style=None,
-                                                                    width=120)
+    return "".join(f"# {line}\n" for line in header) + dump_yaml(config, sort_keys=False, default_flow_style=None,
+                                                              width=120)
 
 
 def _weight_lines(variant: suite.Variant, alpha: float | None, command: str, source: str, date: str,

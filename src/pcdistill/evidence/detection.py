@@ -16,20 +16,21 @@ the test split is read only for the report. Results go to ``results/``:
     detection_buckets.md/.png teacher-student gap on RoI logits by the teacher's class rank (test split)
     detection_environment.json versions, hardware, date, wall time
 
-Resumable like the accuracy suite: finished runs are read back, killed ones resumed.
+The suite is a :class:`~pcdistill.evidence.pipeline.Suite` (:class:`DetectionPlan`); its ``prepare`` writes
+the scenes once, before the parallel runs read them. Resumable like the accuracy suite: finished runs are
+read back, killed ones resumed.
 """
 from __future__ import annotations
 
 import json
 import statistics
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from pcdistill.evidence.suite import (Job, Runner, Variant, _slug, choose_scale, difference_row, environment,
-                                      by_seed, mean_std_cell, tuning_lines, write_rows)
+from pcdistill.evidence.pipeline import Suite, Variant
+from pcdistill.evidence.tables import Metric, by_seed
 
 VARIANTS = [
     Variant("vanilla", "vanilla", description="detector losses only"),
@@ -41,7 +42,6 @@ VARIANTS = [
             description="the authors' released computation, K=3, T=1"),
 ]
 DATASET = "fashion_scenes"
-METRICS = {"test_ap": "test_AP", "test_ap50": "test_AP50", "test_ap75": "test_AP75", "val_ap": "val_AP"}
 
 
 @dataclass(frozen=True)
@@ -107,87 +107,77 @@ def student_config(recipe: DetectionRecipe, variant: Variant, teacher_weights: s
 
 
 @dataclass
-class DetectionPlan:
+class DetectionPlan(Suite):
     recipe: DetectionRecipe
     seeds: tuple[int, ...] = (0, 1, 2)
     alpha_grid: tuple[float, ...] = (0.25, 1.0, 4.0)
     variants: list[Variant] = field(default_factory=lambda: list(VARIANTS))
-    fashion_root: str | None = None  # Fashion-MNIST's IDX folder (default: the dataset's)
+
+    title = f"Detection suite: {DATASET}"
+    csv_file, env_file, report_file = "detection.csv", "detection_environment.json", "detection.md"
+    csv_fields = ["variant", "seed", "alpha", "test_ap", "test_ap50", "test_ap75", "val_ap", "seconds", "phase",
+                  "epochs", "run_dir"]
+    renames = {"test_ap": "test_AP", "test_ap50": "test_AP50", "test_ap75": "test_AP75", "val_ap": "val_AP"}
+    choose_by, test = Metric("val_ap", "val AP"), Metric("test_ap", "test AP")
+    columns = (Metric("test_ap50", "AP50"), Metric("test_ap75", "AP75"))
+    compare = ("pcd", ("kd", "vanilla", "dkd", "pcd-released"))
+    compare_by = (Metric("test_ap", "AP"), Metric("test_ap50", "AP50"))
+    difference_unit = " (AP points)"
+
+    def groups(self) -> list[str]:
+        return [DATASET]
+
+    def prepare(self, group: str, folder: Path) -> None:
+        write_scenes(self.teacher_config(group, folder))  # here, once: the parallel runs then only read them
+
+    def teacher_config(self, group: str, folder: Path) -> dict:
+        return teacher_config(self.recipe, str(folder / "data"))
+
+    def student_config(self, group, folder, variant, seed, scale, tune) -> dict:
+        return student_config(self.recipe, variant, str(folder / "teacher" / "model.safetensors"), seed, scale,
+                              self.recipe.tune_epochs if tune else None, str(folder / "data"))
+
+    def analyse(self, rows: list[dict], results: Path, runner) -> None:
+        from pcdistill.evidence.analysis import write_bucket_report
+        runner.log("bucket analysis on RoI logits")
+        teacher = next(r for r in rows if r["phase"] == "teacher")
+        write_bucket_report(bucket_stats(rows, Path(teacher["run_dir"])), [v.name for v in self.variants],
+                            results / "detection_buckets", f"{DATASET} RoI logits (test split)",
+                            "Per sampled RoI of the test scenes (the student's proposals, 25% positive, scored by both "
+                            "networks), classes (background included) ranked by the teacher's probability")
+
+    def intro(self, rows: list[dict], env: dict) -> list[str]:
+        recipe = self.recipe
+        teacher = next(r for r in rows if r["phase"] == "teacher")
+        vanilla = by_seed(rows, "vanilla")
+        lines = [f"Final-epoch COCO AP (%) of Faster R-CNN on the test scenes (items from Fashion-MNIST's test images "
+                 f"only), {len(self.seeds)} seeds; alpha chosen per variant from {list(self.alpha_grid)} x its "
+                 f"published weight by the val AP of a seed-{self.seeds[0]} run of {recipe.tune_epochs or recipe.epochs} "
+                 f"epochs. {env['date']}, torch {env['torch']}, {env['cpu']} ({env['cores']} cores); "
+                 f"{env['suite_wall_seconds_this_invocation'] / 60:.0f} min of wall time for this invocation.", "",
+                 f"Teacher {recipe.teacher} (FPN {recipe.teacher_options.get('fpn_channels')}, box head "
+                 f"{recipe.teacher_options.get('box_head_size')}, {recipe.teacher_epochs} epochs): test AP "
+                 f"{teacher['test_ap']:.2f} (AP50 {teacher['test_ap50']:.2f}, AP75 {teacher['test_ap75']:.2f}), val AP "
+                 f"{teacher['val_ap']:.2f}. Students {recipe.student} (FPN {recipe.student_options.get('fpn_channels')}, "
+                 f"box head {recipe.student_options.get('box_head_size')}), {recipe.epochs} epochs, seeds "
+                 f"{list(self.seeds)}."]
+        if vanilla:
+            gap = teacher["test_ap"] - statistics.fmean(r["test_ap"] for r in vanilla.values())
+            lines.append(f"Teacher - vanilla student (mean): {gap:+.2f} AP.")
+        return lines
+
+
+def _reading(recipe: DetectionRecipe, fashion_root: str | None) -> DetectionRecipe:
+    """``recipe`` reading Fashion-MNIST's IDX files from ``fashion_root`` (None: the dataset's default folder)."""
+    return replace(recipe, data_options=recipe.data_options | {"fashion_root": fashion_root}) if fashion_root else recipe
 
 
 def full_plan(fashion_root: str | None = None) -> DetectionPlan:
-    return DetectionPlan(FULL, fashion_root=fashion_root)
+    return DetectionPlan(_reading(FULL, fashion_root))
 
 
 def quick_plan(fashion_root: str | None = None) -> DetectionPlan:
-    return DetectionPlan(QUICK, seeds=(0, 1), alpha_grid=(0.5, 1.0), fashion_root=fashion_root)
-
-
-# ----------------------------------------------------------------------------------------------
-# Running
-# ----------------------------------------------------------------------------------------------
-def run_detection_suite(plan: DetectionPlan, results: Path, jobs: int = 2, log=print) -> list[dict]:
-    """Teacher, tuning (seed 0, every weight of the grid), finals (every seed at the chosen weight) and
-    the bucket analysis; skips finished runs; writes the files of the module docstring, returns the rows."""
-    results.mkdir(parents=True, exist_ok=True)
-    with Runner(jobs, log, metric="test_AP") as runner:
-        return _run(plan, results, runner, log)
-
-
-def _run(plan: DetectionPlan, results: Path, runner: Runner, log) -> list[dict]:
-    runs_dir = results / "runs" / DATASET
-    data_root = str(runs_dir / "data")
-    recipe = plan.recipe
-    started = time.perf_counter()
-
-    def with_source(config: dict) -> dict:
-        if plan.fashion_root:
-            config["data"]["options"] = config["data"]["options"] | {"fashion_root": plan.fashion_root}
-        return config
-
-    teacher = with_source(teacher_config(recipe, data_root))
-    write_scenes(teacher)  # here, once: the parallel runs then only read them
-    weights = str(runs_dir / "teacher" / "model.safetensors")
-
-    def job(variant: Variant, scale: float, seed: int, phase: str) -> Job:
-        epochs = recipe.tune_epochs if phase == "tune" else None
-        name = variant.name if variant.method == "vanilla" else f"{variant.name}@{scale:g}"
-        config = with_source(student_config(recipe, variant, weights, seed, scale, epochs, data_root))
-        return Job((variant.name, scale, seed, phase), config, runs_dir / phase / _slug(name) / f"seed{seed}")
-
-    distilled = [v for v in plan.variants if v.method != "vanilla"]
-    # vanilla students need no teacher: they train beside it
-    first = runner.run([Job(("teacher", None, 0, "teacher"), teacher, runs_dir / "teacher")]
-                       + [job(v, 1.0, s, "final") for v in plan.variants if v.method == "vanilla" for s in plan.seeds],
-                       "teacher and vanilla students")
-    teachers = {k: v for k, v in first.items() if k[3] == "teacher"}
-    tuning = runner.run([job(v, a, plan.seeds[0], "tune") for v in distilled for a in plan.alpha_grid],
-                        "tuning (seed 0)")
-    chosen = {v.name: choose_scale(lambda a: tuning[v.name, a, plan.seeds[0], "tune"]["val_AP"], plan.alpha_grid)
-              for v in distilled}
-    final = {k: v for k, v in first.items() if k[3] == "final"} | runner.run(
-        [job(v, chosen[v.name], s, "final") for v in distilled for s in plan.seeds], "final seeds")
-
-    rows = []
-    for (name, scale, seed, phase), result in list(teachers.items()) + list(tuning.items()) + list(final.items()):
-        variant = next((v for v in plan.variants if v.name == name), None)
-        alpha = None if variant is None or variant.method == "vanilla" else variant.alpha * scale
-        rows.append({"variant": name, "seed": seed, "alpha": alpha, "phase": phase}
-                    | {ours: result.get(theirs) for ours, theirs in METRICS.items()}
-                    | {k: result[k] for k in ("seconds", "epochs", "run_dir")})
-    write_rows(rows, results / "detection.csv", CSV_FIELDS)
-    log("bucket analysis on RoI logits")
-    stats = bucket_stats(rows, runs_dir / "teacher")
-    from pcdistill.evidence.analysis import write_bucket_report
-    write_bucket_report(stats, [v.name for v in plan.variants], results / "detection_buckets",
-                        f"{DATASET} RoI logits (test split)",
-                        "Per sampled RoI of the test scenes (the student's proposals, 25% positive, scored by both "
-                        "networks), classes (background included) ranked by the teacher's probability")
-    seconds = time.perf_counter() - started
-    env = environment(seconds)
-    (results / "detection_environment.json").write_text(json.dumps(env, indent=2) + "\n")
-    (results / "detection.md").write_text(report(plan, rows, env))
-    return rows
+    return DetectionPlan(_reading(QUICK, fashion_root), seeds=(0, 1), alpha_grid=(0.5, 1.0))
 
 
 def write_scenes(config: dict) -> None:
@@ -197,10 +187,6 @@ def write_scenes(config: dict) -> None:
     data = from_dict(config).data
     build_detection_dataset(data.name, root=data.root, split="train", val_fraction=data.val_fraction,
                             seed=data.split_seed, **data.options)
-
-
-CSV_FIELDS = ["variant", "seed", "alpha", "test_ap", "test_ap50", "test_ap75", "val_ap", "seconds", "phase", "epochs",
-              "run_dir"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,51 +230,3 @@ def bucket_stats(rows: list[dict], teacher_dir: Path) -> dict:
             cache.write_text(json.dumps(bucket_gaps(*paired_test_roi_logits(Path(row["run_dir"]), teacher_dir))))
         add_gaps(stats, row["variant"], json.loads(cache.read_text()))
     return stats
-
-
-# ----------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------
-def report(plan: DetectionPlan, rows: list[dict], env: dict) -> str:
-    recipe = plan.recipe
-    teacher = next(r for r in rows if r["phase"] == "teacher")
-    vanilla = by_seed(rows, "vanilla")
-    lines = ["# Detection suite: fashion_scenes", "",
-             f"Final-epoch COCO AP (%) of Faster R-CNN on the test scenes (items from Fashion-MNIST's test images "
-             f"only), {len(plan.seeds)} seeds; alpha chosen per variant from {list(plan.alpha_grid)} x its published "
-             f"weight by the val AP of a seed-{plan.seeds[0]} run of {recipe.tune_epochs or recipe.epochs} epochs. "
-             f"{env['date']}, torch {env['torch']}, {env['cpu']} ({env['cores']} cores); "
-             f"{env['suite_wall_seconds_this_invocation'] / 60:.0f} min of wall time for this invocation.", "",
-             f"Teacher {recipe.teacher} (FPN {recipe.teacher_options.get('fpn_channels')}, box head "
-             f"{recipe.teacher_options.get('box_head_size')}, {recipe.teacher_epochs} epochs): test AP "
-             f"{teacher['test_ap']:.2f} (AP50 {teacher['test_ap50']:.2f}, AP75 {teacher['test_ap75']:.2f}), val AP "
-             f"{teacher['val_ap']:.2f}. Students {recipe.student} (FPN {recipe.student_options.get('fpn_channels')}, "
-             f"box head {recipe.student_options.get('box_head_size')}), {recipe.epochs} epochs, seeds {list(plan.seeds)}."]
-    if vanilla:
-        gap = teacher["test_ap"] - statistics.fmean(r["test_ap"] for r in vanilla.values())
-        lines.append(f"Teacher - vanilla student (mean): {gap:+.2f} AP.")
-    lines += ["", "| variant | alpha (chosen on val) | val AP | test AP (mean +- std) | AP50 | AP75 | test AP per seed |",
-              "|---|---:|---:|---:|---:|---:|---|"]
-    for variant in plan.variants:
-        final = by_seed(rows, variant.name)
-        if not final:
-            continue
-        seeds = sorted(final)
-        alpha = final[seeds[0]]["alpha"]
-        lines.append(f"| {variant.name} | {'-' if alpha is None else f'{alpha:g}'} | "
-                     f"{statistics.fmean(final[s]['val_ap'] for s in seeds):.2f} | "
-                     f"{mean_std_cell([final[s]['test_ap'] for s in seeds])} | {mean_std_cell([final[s]['test_ap50'] for s in seeds])} | "
-                     f"{mean_std_cell([final[s]['test_ap75'] for s in seeds])} | "
-                     + ", ".join(f"{final[s]['test_ap']:.2f}" for s in seeds) + " |")
-    lines += ["", "## PCD against the baselines", "",
-              "Paired by seed; a difference wins or loses only when its 95% t-interval excludes 0.", "",
-              "| pcd - other | metric | mean difference (AP points) | 95% interval | verdict |", "|---|---|---:|---|---|"]
-    pcd = by_seed(rows, "pcd")
-    for other in ("kd", "vanilla", "dkd", "pcd-released"):
-        for metric, label in (("test_ap", "AP"), ("test_ap50", "AP50")):
-            diff = difference_row(pcd, by_seed(rows, other), metric)
-            if diff is not None:
-                mean, low, high, verdict = diff
-                lines.append(f"| pcd - {other} | {label} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {verdict} |")
-    lines += tuning_lines(plan.variants, plan.alpha_grid, rows, "val_ap", "val AP")
-    return "\n".join(lines) + "\n"

@@ -15,22 +15,22 @@ seed at that weight, and the test split is read only for the report. Results go 
     lm_buckets.md/.png  teacher-student gap on the test tokens by the teacher's rank (1, 2-10, 11-100, 101+)
     lm_environment.json versions, hardware, date, wall time
 
-Resumable: finished runs are read back, killed ones resumed. The recipe files ``configs/lm/stdlib/*.yaml``
+The suite is a :class:`~pcdistill.evidence.pipeline.Suite` (:class:`LMPlan`), run by
+:func:`~pcdistill.evidence.pipeline.run_suite`; ``pcdistill bench lm --recipe NAME`` picks a plan of
+:data:`RECIPES`. Resumable: finished runs are read back, killed ones resumed. The recipe files ``configs/lm/stdlib/*.yaml``
 are :func:`teacher_config` and :func:`student_config` at the chosen weights (``pcdistill bench configs``
 writes them from ``results/lm.csv``; a test checks they match).
 """
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from pcdistill.evidence.suite import (Job, Runner, Variant, _slug, choose_scale, difference_row, environment,
-                                      by_seed, mean_std_cell, tuning_lines, write_rows)
+from pcdistill.evidence.pipeline import Suite, Variant
+from pcdistill.evidence.tables import Metric
 
 BUCKETS = ((1, 1), (2, 10), (11, 100), (101, None))
 DATASET = "python_stdlib"
@@ -108,11 +108,62 @@ def student_config(recipe: LMRecipe, variant: Variant, teacher_dir: str, seed: i
 
 
 @dataclass
-class LMPlan:
+class LMPlan(Suite):
     recipe: LMRecipe
     seeds: tuple[int, ...] = (0, 1, 2)
     alpha_grid: tuple[float, ...] = (0.25, 1.0, 4.0)
     variants: list[Variant] = field(default_factory=lambda: list(VARIANTS))
+
+    title = f"Language-model suite: {DATASET}"
+    csv_file, env_file, report_file = "lm.csv", "lm_environment.json", "lm.md"
+    csv_fields = ["variant", "seed", "alpha", "test_ppl", "val_ppl", "test_agree", "test_kl", "seconds", "phase",
+                  "run_dir"]
+    choose_by = Metric("val_ppl", "val ppl", lower_is_better=True)
+    test = Metric("test_ppl", "test ppl", lower_is_better=True)
+    columns = (Metric("test_agree", "test agreement %"), Metric("test_kl", "test KL", 3))
+    compare = ("pcd", ("kd", "vanilla", "dkd"))
+    compare_by = (test, Metric("test_agree", "agreement %"))
+    verdict_note = " (lower perplexity, higher agreement win)"
+    cost = COST
+
+    def groups(self) -> list[str]:
+        return ["lm"]
+
+    def teacher_config(self, group: str, folder: Path) -> dict:
+        return teacher_config(self.recipe)
+
+    def student_config(self, group, folder, variant, seed, scale, tune) -> dict:
+        return student_config(self.recipe, variant, str(folder / "teacher"), seed, scale, tune)
+
+    def analyse(self, rows: list[dict], results: Path, runner) -> None:
+        from pcdistill.evidence.analysis import write_bucket_report
+        runner.log("bucket analysis on the test tokens")
+        teacher = next(r for r in rows if r["phase"] == "teacher")
+        stats = bucket_stats(rows, Path(teacher["run_dir"]), runner)
+        write_bucket_report(stats, [v.name for v in self.variants], results / "lm_buckets",
+                            f"{DATASET} next-token logits (test split)",
+                            "Per test token, the vocabulary ranked by the teacher's probability (buckets 1, 2-10, "
+                            "11-100, 101+)")
+
+    def intro(self, rows: list[dict], env: dict) -> list[str]:
+        recipe = self.recipe
+        teacher = next(r for r in rows if r["phase"] == "teacher")
+        data = recipe.data_options
+        return [f"Final test perplexity (lower is better) of causal LMs on the test files of the Python standard "
+                f"library ({data.get('max_files', 'all')} files, at most {data.get('max_chars')} characters each, split "
+                f"by file; byte-level BPE of {data['vocab_size']} tokens trained on the train files; blocks of "
+                f"{data['block_size']} tokens), {len(self.seeds)} seeds; alpha chosen per variant from "
+                f"{list(self.alpha_grid)} x its published weight by the val perplexity of a seed-{self.seeds[0]} run "
+                f"of {recipe.tune_iterations} steps. {env['date']}, torch {env['torch']}, {env['cpu']} ({env['cores']} "
+                f"cores); {env['suite_wall_seconds_this_invocation'] / 60:.0f} min of wall time for this invocation.",
+                "",
+                f"Teacher {recipe.model} hidden {recipe.teacher['hidden_size']} x {recipe.teacher['num_hidden_layers']} "
+                f"layers ({recipe.teacher_epochs} epochs): test ppl {teacher['test_ppl']:.2f}, val ppl "
+                f"{teacher['val_ppl']:.2f}. Students {recipe.model} hidden {recipe.student['hidden_size']} x "
+                f"{recipe.student['num_hidden_layers']} layers, {recipe.epochs} epoch(s), seeds {list(self.seeds)}. "
+                "Agreement: % of test tokens where student and teacher have the same top-1 token; KL: mean KL(p_t || "
+                "p_s) per token at T=1 (the vanilla students', who train without the teacher, measured after training "
+                "the same way)."]
 
 
 def full_plan() -> LMPlan:
@@ -123,70 +174,9 @@ def quick_plan() -> LMPlan:
     return LMPlan(QUICK, seeds=(0, 1), alpha_grid=(0.5, 1.0))
 
 
-# ----------------------------------------------------------------------------------------------
-# Running
-# ----------------------------------------------------------------------------------------------
-def run_lm_suite(plan: LMPlan, results: Path, jobs: int = 2, log=print) -> list[dict]:
-    """Teacher (vanilla students beside it), tuning (seed 0, every weight of the grid), finals (every seed at
-    the weight chosen on val ppl) and the bucket analysis; skips finished runs; returns the rows of lm.csv."""
-    results.mkdir(parents=True, exist_ok=True)
-    with Runner(jobs, log, metric="test_ppl") as runner:
-        return _run(plan, results, runner, log)
-
-
-def _run(plan: LMPlan, results: Path, runner: Runner, log) -> list[dict]:
-    runs_dir = results / "runs" / "lm"
-    recipe = plan.recipe
-    started = time.perf_counter()
-    teacher_dir = runs_dir / "teacher"
-
-    def job(variant: Variant, scale: float, seed: int, phase: str) -> Job:
-        name = variant.name if variant.method == "vanilla" else f"{variant.name}@{scale:g}"
-        config = student_config(recipe, variant, str(teacher_dir), seed, scale, tune=phase == "tune")
-        return Job((variant.name, scale, seed, phase), config, runs_dir / phase / _slug(name) / f"seed{seed}")
-
-    # the longest runs first, so that two workers finish each phase close together
-    by_cost = sorted(plan.variants, key=lambda v: -COST.get(v.name, 0))
-    distilled = [v for v in by_cost if v.method != "vanilla"]
-    first = runner.run([Job(("teacher", None, 0, "teacher"), teacher_config(recipe), teacher_dir)]
-                       + [job(v, 1.0, s, "final") for v in plan.variants if v.method == "vanilla" for s in plan.seeds],
-                       "teacher and vanilla students")
-    teachers = {k: v for k, v in first.items() if k[3] == "teacher"}
-    tuning = runner.run([job(v, a, plan.seeds[0], "tune") for v in distilled for a in plan.alpha_grid],
-                        "tuning (seed 0)")
-    # lowest val perplexity; 1/ppl keeps choose_scale's "higher is better, missing is worst"
-    chosen = {v.name: choose_scale(lambda a: 1.0 / tuning[v.name, a, plan.seeds[0], "tune"]["val_ppl"],
-                                   plan.alpha_grid) for v in distilled}
-    final = {k: v for k, v in first.items() if k[3] == "final"} | runner.run(
-        [job(v, chosen[v.name], s, "final") for v in distilled for s in plan.seeds], "final seeds")
-
-    rows = []
-    order = {"teacher": -1} | {v.name: i for i, v in enumerate(plan.variants)}
-    done = sorted(list(teachers.items()) + list(tuning.items()) + list(final.items()),  # not in completion order
-                  key=lambda item: (("teacher", "tune", "final").index(item[0][3]), order[item[0][0]],
-                                    item[0][1] or 0.0, item[0][2]))
-    for (name, scale, seed, phase), result in done:
-        variant = next((v for v in plan.variants if v.name == name), None)
-        alpha = None if variant is None or variant.method == "vanilla" else variant.alpha * scale
-        rows.append({"variant": name, "seed": seed, "alpha": alpha, "phase": phase}
-                    | {k: result.get(k) for k in ("test_ppl", "val_ppl", "test_agree", "test_kl", "seconds",
-                                                  "run_dir")})
-    log("bucket analysis on the test tokens")
-    stats = bucket_stats(rows, teacher_dir, runner._pool)  # the workers the runs used, already warm
-    write_rows(rows, results / "lm.csv", CSV_FIELDS)
-    from pcdistill.evidence.analysis import write_bucket_report
-    write_bucket_report(stats, [v.name for v in plan.variants], results / "lm_buckets",
-                        f"{DATASET} next-token logits (test split)",
-                        "Per test token, the vocabulary ranked by the teacher's probability (buckets 1, 2-10, "
-                        "11-100, 101+)")
-    env = environment(time.perf_counter() - started)
-    (results / "lm_environment.json").write_text(json.dumps(env, indent=2) + "\n")
-    (results / "lm.md").write_text(report(plan, rows, env))
-    return rows
-
-
-CSV_FIELDS = ["variant", "seed", "alpha", "test_ppl", "val_ppl", "test_agree", "test_kl", "seconds", "phase",
-              "run_dir"]
+# ``pcdistill bench lm --recipe NAME``: NAME -> the suite (its --quick plan when ``quick``)
+RECIPES = {"stdlib": lambda quick: quick_plan() if quick else full_plan()}
+CSV_FIELDS = LMPlan.csv_fields
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,70 +232,19 @@ def cached_test_stats(run_dir: str, teacher_dir: str) -> dict:
     return json.loads(cache.read_text())
 
 
-def bucket_stats(rows: list[dict], teacher_dir: Path, pool=None) -> dict:
-    """{variant: {bucket: [(gap, kl) per final seed]}} from :func:`cached_test_stats`, on ``pool`` (an executor,
-    e.g. the runner's workers, which have torch and transformers loaded) or in this process.
+def bucket_stats(rows: list[dict], teacher_dir: Path, runner=None) -> dict:
+    """{variant: {bucket: [(gap, kl) per final seed]}} from :func:`cached_test_stats`; the runs not measured yet
+    on ``runner``'s workers (which have torch and transformers loaded) or in this process.
     Final rows without agreement (vanilla students train without a teacher) get it from this pass."""
     from pcdistill.evidence.analysis import add_gaps
     finals = [row for row in rows if row["phase"] == "final"]
-    args = ([r["run_dir"] for r in finals], [str(teacher_dir)] * len(finals))
-    measured = list(pool.map(cached_test_stats, *args) if pool is not None else map(cached_test_stats, *args))
+    todo = [r["run_dir"] for r in finals if not (Path(r["run_dir"]) / "lm_test.json").exists()]
+    if todo:
+        list((runner.pool().map if runner is not None else map)(cached_test_stats, todo, [str(teacher_dir)] * len(todo)))
     stats: dict = {}
-    for row, numbers in zip(finals, measured):
+    for row in finals:
+        numbers = cached_test_stats(row["run_dir"], str(teacher_dir))
         add_gaps(stats, row["variant"], numbers["buckets"])
         if row.get("test_agree") is None:
             row["test_agree"], row["test_kl"] = numbers["agree"], numbers["kl"]
     return stats
-
-
-# ----------------------------------------------------------------------------------------------
-# Report
-# ----------------------------------------------------------------------------------------------
-def report(plan: LMPlan, rows: list[dict], env: dict) -> str:
-    recipe = plan.recipe
-    teacher = next(r for r in rows if r["phase"] == "teacher")
-    data = recipe.data_options
-    lines = ["# Language-model suite: python_stdlib", "",
-             f"Final test perplexity (lower is better) of causal LMs on the test files of the Python standard library "
-             f"({data.get('max_files', 'all')} files, at most {data.get('max_chars')} characters each, split by file; "
-             f"byte-level BPE of {data['vocab_size']} tokens trained on the train files; blocks of "
-             f"{data['block_size']} tokens), {len(plan.seeds)} seeds; alpha chosen per variant from "
-             f"{list(plan.alpha_grid)} x its published weight by the val perplexity of a seed-{plan.seeds[0]} run of "
-             f"{recipe.tune_iterations} steps. {env['date']}, torch {env['torch']}, {env['cpu']} ({env['cores']} "
-             f"cores); {env['suite_wall_seconds_this_invocation'] / 60:.0f} min of wall time for this invocation.", "",
-             f"Teacher {recipe.model} hidden {recipe.teacher['hidden_size']} x {recipe.teacher['num_hidden_layers']} "
-             f"layers ({recipe.teacher_epochs} epochs): test ppl {teacher['test_ppl']:.2f}, val ppl "
-             f"{teacher['val_ppl']:.2f}. Students {recipe.model} hidden {recipe.student['hidden_size']} x "
-             f"{recipe.student['num_hidden_layers']} layers, {recipe.epochs} epoch(s), seeds {list(plan.seeds)}. "
-             "Agreement: % of test tokens where student and teacher have the same top-1 token; KL: mean KL(p_t || p_s) "
-             "per token at T=1 (the vanilla students', who train without the teacher, measured after training the "
-             "same way).", "",
-             "| variant | alpha (chosen on val) | val ppl | test ppl (mean +- std) | test agreement % | test KL | "
-             "test ppl per seed |", "|---|---:|---:|---:|---:|---:|---|"]
-    for variant in plan.variants:
-        final = by_seed(rows, variant.name)
-        if not final:
-            continue
-        seeds = sorted(final)
-        alpha = final[seeds[0]]["alpha"]
-        lines.append(f"| {variant.name} | {'-' if alpha is None else f'{alpha:g}'} | "
-                     f"{statistics.fmean(final[s]['val_ppl'] for s in seeds):.2f} | "
-                     f"{mean_std_cell([final[s]['test_ppl'] for s in seeds])} | "
-                     f"{mean_std_cell([final[s]['test_agree'] for s in seeds])} | "
-                     f"{mean_std_cell([final[s]['test_kl'] for s in seeds], 3)} | "
-                     + ", ".join(f"{final[s]['test_ppl']:.2f}" for s in seeds) + " |")
-    lines += ["", "## PCD against the baselines", "",
-              "Paired by seed; a difference wins or loses only when its 95% t-interval excludes 0 (lower perplexity, "
-              "higher agreement win).", "",
-              "| pcd - other | metric | mean difference | 95% interval | verdict |", "|---|---|---:|---|---|"]
-    pcd = by_seed(rows, "pcd")
-    for other in ("kd", "vanilla", "dkd"):
-        for metric, label, lower_is_better in (("test_ppl", "test ppl", True), ("test_agree", "agreement %", False)):
-            diff = difference_row(pcd, by_seed(rows, other), metric)
-            if diff is not None:
-                mean, low, high, verdict = diff
-                if lower_is_better:
-                    verdict = {"wins": "loses", "loses": "wins"}.get(verdict, verdict)
-                lines.append(f"| pcd - {other} | {label} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] | {verdict} |")
-    lines += tuning_lines(plan.variants, plan.alpha_grid, rows, "val_ppl", "val ppl")
-    return "\n".join(lines) + "\n"

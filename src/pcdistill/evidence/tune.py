@@ -6,7 +6,7 @@ trains the config once per scale of ``--grid`` (default 0.25, 1, 4) x its ``dist
 everything else unchanged, and picks the scale with the best final-epoch validation metric
 (``val_acc``, ``val_AP`` for detection, the lowest ``val_ppl`` for causal_lm); ties go to the scale
 closest to 1. This is the suite's
-tuning step (``pcdistill bench accuracy | detection``) applied to one config. The test split is
+tuning step (``pcdistill bench accuracy | detection | lm``) applied to one config. The test split is
 never read for the choice, and the table does not show it. Results: ``OUT/tune.csv`` and one run
 folder per weight (``OUT/alpha_<value>``); finished runs are not redone.
 """
@@ -17,7 +17,9 @@ import csv
 from pathlib import Path
 
 from pcdistill.config import ConfigError, apply_overrides, from_dict, read_yaml
-from pcdistill.evidence.suite import Job, Runner, choose_scale
+from pcdistill.evidence.pipeline import Job, Runner, choose_scale
+
+SHORT_RUN_KEYS = ("trainer.epochs", "trainer.iterations")  # tuning runs may be short; the final one is not
 
 
 def tune(config: dict, out: Path, grid: tuple[float, ...] = (0.25, 1.0, 4.0), jobs: int = 1,
@@ -72,6 +74,10 @@ def cmd_tune(args) -> int:
     for row in rows:
         value = "nan" if row[metric] is None else f"{row[metric]:.2f}"
         print(f"| {row['alpha']:g}{' (chosen)' if row['chosen'] else ''} | {value} |")
-    print(f"chosen on validation: distill.alpha={alpha:g}  (train with: pcdistill train {args.config} "
-          f"{' '.join(args.overrides)} distill.alpha={alpha:g} --out DIR)")
+    key = lambda override: override.split("=", 1)[0]  # noqa: E731
+    kept = [o for o in args.overrides if key(o) not in SHORT_RUN_KEYS + ("distill.alpha",)]
+    short = [o for o in args.overrides if key(o) in SHORT_RUN_KEYS]
+    print(f"chosen on validation: distill.alpha={alpha:g}  (train with: pcdistill train "
+          f"{' '.join([args.config, *kept, f'distill.alpha={alpha:g}'])} --out DIR"
+          + (f"; at the config's length: the tuning runs' {' '.join(short)} left out)" if short else ")"))
     return 0

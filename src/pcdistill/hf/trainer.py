@@ -4,9 +4,10 @@
                                   train_dataset=data, loss="pcd", loss_options={"temperature": 2.0})
     trainer.train()
 
-Everything else is the user's ``TrainingArguments``: bf16, gradient accumulation, DDP/FSDP through
-torchrun or accelerate, checkpoints and resume, ``report_to``. The teacher is not part of the
-trained model: it is never saved in a checkpoint and never seen by the optimizer.
+Everything else is the user's ``TrainingArguments``: bf16 (the fused output-layer loss runs under the
+model's autocast), gradient accumulation, DDP/FSDP through torchrun or accelerate, checkpoints and resume,
+``report_to``. The teacher is not part of the trained model: it is never saved in a checkpoint and never
+seen by the optimizer.
 """
 from __future__ import annotations
 
@@ -34,16 +35,19 @@ class DistillationTrainer(Trainer):
         super().__init__(*args, **kwargs)
         teacher_model.to(self.args.device)  # dtype and autocast (bf16) are TrainingArguments' business
         self.distiller = CausalLMDistiller(self.model, teacher_model, loss=loss, loss_options=loss_options,
-                                           alpha=alpha, ce_weight=ce_weight, fused=fused)
+                                           alpha=alpha, ce_weight=ce_weight, fused=fused,
+                                           part_gradients=False)  # compute_loss only sums the entries
         self._parts: dict[str, torch.Tensor] = {}
         self._parts_from_step: int | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         state = self.state
         progress = state.global_step / state.max_steps if state.max_steps else 0.0
-        losses = self.distiller.losses(model, inputs["input_ids"], inputs["labels"],
-                                       attention_mask=inputs.get("attention_mask"), progress=progress,
-                                       num_items=num_items_in_batch)
+        # the fused output layer runs outside the model's forward: under the same mixed precision as the forward
+        with self.accelerator.autocast():
+            losses = self.distiller.losses(model, inputs["input_ids"], inputs["labels"],
+                                           attention_mask=inputs.get("attention_mask"), progress=progress,
+                                           num_items=num_items_in_batch)
         # normalized by the accumulated batch's token count: the Trainer must not divide by the steps again
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         scale = 1.0

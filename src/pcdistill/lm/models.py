@@ -13,7 +13,6 @@ import inspect
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pcdistill.registry import closest
@@ -49,11 +48,14 @@ def create_causal_lm(spec: dict) -> nn.Module:
         raise ValueError(f"unknown config {name!r}{closest(str(name), list(CONFIGS))}; known: {', '.join(CONFIGS)}")
     config_cls = getattr(transformers, CONFIGS[name])
     keys = {k: v for k, v in spec.items() if k != "config"}
-    allowed = [p for p in inspect.signature(config_cls.__init__).parameters if p not in ("self", "kwargs")]
-    allowed += list(getattr(config_cls, "attribute_map", {}))
-    for key in keys:
-        if key not in allowed:
-            raise ValueError(f"{CONFIGS[name]} has no key {key!r}{closest(key, allowed)}")
+    params = inspect.signature(config_cls.__init__).parameters
+    defaults = {p: params[p].default for p in params if p not in ("self", "kwargs")}
+    defaults |= {alias: defaults.get(key) for alias, key in getattr(config_cls, "attribute_map", {}).items()}
+    for key, value in keys.items():
+        if key not in defaults:
+            # a suggestion of the value's kind first: hidden=8 means hidden_size, not hidden_act
+            alike = [k for k, d in defaults.items() if d is None or type(d) is type(value)]
+            raise ValueError(f"{CONFIGS[name]} has no key {key!r}{closest(key, alike) or closest(key, list(defaults))}")
     if "vocab_size" not in keys:
         raise ValueError(f"a {name!r} spec needs vocab_size (the tokenizer's vocabulary size)")
     return transformers.AutoModelForCausalLM.from_config(config_cls(**keys))
@@ -105,8 +107,9 @@ def fusable(model: nn.Module) -> tuple[bool, str]:
 
     Not under FSDP (the weight is sharded outside forward), nor when the output embedding is not an
     ``nn.Linear``, the config declares a logit transform (softcapping, a logit scale) or the forward
-    takes no ``logits_to_keep``; else the model runs once on two tokens (no grad) and its logits
-    must equal ``lm_head(hidden_states[-1])``, which catches a transform the config does not name.
+    takes no ``logits_to_keep``; else the model runs once on two tokens (no grad), its output layer must
+    see ``hidden_states[-1]`` and its logits must be that layer's output, which catches a transform the
+    config does not name (compared within the forward, so an autocast around it does not count).
     """
     sharded = _sharding(model)
     if sharded:
@@ -132,17 +135,30 @@ def fusable(model: nn.Module) -> tuple[bool, str]:
 
 
 def _probe(model: nn.Module) -> tuple[bool, str]:
-    """Run two tokens and compare ``lm_head(hidden_states[-1])`` with the model's own logits (any transform shows)."""
-    weight, bias = output_layer(model)
-    ids = torch.tensor([[0, 1]], device=weight.device)
-    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):  # both sides in the weights' dtype
-        out = model(input_ids=ids, output_hidden_states=True, **_no_cache(model))
-        logits = out.logits
-        mine = F.linear(out.hidden_states[-1].to(weight.dtype), weight, bias)
-    if mine.shape != logits.shape or not torch.allclose(mine.float(), logits.float(), rtol=1e-3, atol=1e-3):
-        diff = (mine.float() - logits.float()).abs().max().item() if mine.shape == logits.shape else float("nan")
-        return False, (f"its logits differ from lm_head(hidden_states[-1]) (largest difference {diff:.3g}): "
-                       f"its forward transforms them after the output layer")
+    """Run two tokens and check that the output layer sees ``hidden_states[-1]`` and that its output is the logits.
+
+    Both sides are taken from the one forward (a hook on the output layer), so whatever autocast that forward
+    runs under (Accelerate wraps it under ``bf16=True``) rounds both alike and only a real transform shows.
+    """
+    weight, _ = output_layer(model)
+    head = unwrap(model).get_output_embeddings()
+    seen = []
+    hook = head.register_forward_hook(lambda module, args, output: seen.append((args[0], output)))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([[0, 1]], device=weight.device), output_hidden_states=True,
+                        **_no_cache(model))
+    finally:
+        hook.remove()
+    if len(seen) != 1:
+        return False, f"its forward called its output layer {len(seen)} times, not once on the last hidden states"
+    head_in, head_out = seen[0]
+    hidden, logits = out.hidden_states[-1], out.logits
+    for mine, theirs, what in ((head_in, hidden, "the output layer's input differs from hidden_states[-1]"),
+                               (head_out, logits, "its logits differ from lm_head(hidden_states[-1])")):
+        if mine.shape != theirs.shape or not torch.allclose(mine.float(), theirs.float(), rtol=1e-3, atol=1e-3):
+            diff = (mine.float() - theirs.float()).abs().max().item() if mine.shape == theirs.shape else float("nan")
+            return False, f"{what} (largest difference {diff:.3g}): its forward transforms them around the output layer"
     return True, "its logits are lm_head(hidden_states[-1]) (checked on two tokens)"
 
 

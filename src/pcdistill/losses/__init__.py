@@ -3,6 +3,7 @@
     from pcdistill.losses import pcd_loss, build_loss, list_methods
     loss = pcd_loss(student_logits, teacher_logits, temperature=4.0, stages=3)
     module = build_loss("pcd", temperature=4.0)     # PCDLoss(temperature=4.0)
+    list_methods()                                  # the method table's names (``methods.py``)
 
 Logits have shape ``(..., C)``; leading dimensions are rows.
 """
@@ -12,32 +13,24 @@ import inspect
 
 from torch import nn
 
-from pcdistill.registry import Registry, closest
+from pcdistill.registry import closest
 
 from ._common import set_device_checks, standardize_logits
 from ._rows import memory_budget, memory_budget_mib, set_memory_budget
 from .dist import DISTLoss, dist_loss
 from .dkd import DKDLoss, dkd_loss
 from .fused_linear import fused_linear_distill_loss
+from .jsd import JSDLoss, jsd_loss
 from .kd import KDLoss, kd_loss
+from .methods import METHODS, Method, call_loss, fused_methods, get_method, list_methods
 from .pcd import PCDLoss, pcd_loss, set_pcd_backend
-
-METHODS: Registry[type[nn.Module] | None] = Registry("distillation method")
-METHODS.register("vanilla")(None)
-METHODS.register("kd")(KDLoss)
-METHODS.register("dkd")(DKDLoss)
-METHODS.register("dist")(DISTLoss)
-METHODS.register("pcd")(PCDLoss)
-
-
-def list_methods() -> list[str]:
-    """Names of the distillation methods; ``"vanilla"`` trains the student on labels alone."""
-    return METHODS.names()
+from .rkl import RKLLoss, rkl_loss
+from .tvd import TVDLoss, tvd_loss
 
 
 def loss_arguments(method: str) -> dict[str, object]:
     """The keyword arguments (with defaults) that ``build_loss(method, ...)`` accepts."""
-    cls = METHODS.get(method)
+    cls = get_method(method).module
     if cls is None:
         return {}
     return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
@@ -51,10 +44,12 @@ def build_loss(method: str, **kwargs) -> nn.Module | None:
         if key not in allowed:
             raise ValueError(f"{method} loss has no argument {key!r}{closest(key, allowed)}; "
                              f"it accepts: {', '.join(allowed) or 'nothing'}")
-    cls = METHODS.get(method)
+    cls = get_method(method).module
     return None if cls is None else cls(**kwargs)
 
 
-__all__ = ["DISTLoss", "DKDLoss", "KDLoss", "PCDLoss", "build_loss", "dist_loss", "dkd_loss",
-           "fused_linear_distill_loss", "kd_loss", "list_methods", "loss_arguments", "memory_budget",
-           "memory_budget_mib", "pcd_loss", "set_device_checks", "set_memory_budget", "set_pcd_backend", "standardize_logits"]
+__all__ = ["DISTLoss", "DKDLoss", "JSDLoss", "KDLoss", "METHODS", "Method", "PCDLoss", "RKLLoss", "TVDLoss",
+           "build_loss", "call_loss", "dist_loss", "dkd_loss", "fused_linear_distill_loss", "fused_methods",
+           "get_method", "jsd_loss", "kd_loss", "list_methods", "loss_arguments", "memory_budget", "memory_budget_mib",
+           "pcd_loss", "rkl_loss", "set_device_checks", "set_memory_budget", "set_pcd_backend", "standardize_logits",
+           "tvd_loss"]

@@ -19,6 +19,14 @@ TASKS.register("detection")("pcdistill.tasks.detection")
 TASKS.register("causal_lm")("pcdistill.tasks.causal_lm")
 
 
+PERCENT = ("acc", "top5", "agree", "AP", "AP50", "AP75", "APs", "APm", "APl")  # metrics reported in % (0-100)
+
+
+def format_metric(name: str, value: float) -> str:
+    """``97.50%`` for a metric in percent (accuracy, COCO AP, agreement), ``3.14`` otherwise (ppl, kl)."""
+    return f"{value:.2f}{'%' if name.split('_', 1)[-1] in PERCENT else ''}"
+
+
 def list_tasks() -> list[str]:
     return TASKS.names()
 
@@ -28,4 +36,4 @@ def build_task(cfg, ctx) -> Task:
     return importlib.import_module(TASKS.get(cfg.task)).build(cfg, ctx)
 
 
-__all__ = ["TASKS", "Task", "build_task", "list_tasks"]
+__all__ = ["TASKS", "Task", "build_task", "format_metric", "list_tasks"]

@@ -88,12 +88,11 @@ def load_teacher(cfg: Config, num_classes: int, build: Callable[[], nn.Module]) 
 
 
 def check_loss_fits(cfg: Config, num_classes: int) -> None:
-    """Loss arguments bounded by the class count (PCD's stages), checked before a run folder is written."""
-    from pcdistill.losses import loss_arguments
-    if cfg.distill.method == "vanilla":
-        return
-    stages = cfg.distill.loss.get("stages", loss_arguments(cfg.distill.method).get("stages"))
-    if isinstance(stages, int) and stages > num_classes:
-        raise ConfigError(f"distill.loss.stages={stages} exceeds the {num_classes} classes of the logits "
-                          f"(dataset {cfg.data.name!r}); each stage splits the classes into that many groups, "
-                          f"so stages must lie in [1, {num_classes}]")
+    """Loss options bounded by the class count (PCD's stages: the method table's ``fits``), checked before a
+    run folder is written."""
+    from pcdistill.losses import get_method
+    try:
+        get_method(cfg.distill.method).check_fits(num_classes, cfg.distill.loss)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"distill.loss does not fit the {num_classes} classes of dataset {cfg.data.name!r}: "
+                          f"{err}") from None

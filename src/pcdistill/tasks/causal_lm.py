@@ -21,10 +21,12 @@ into its run folder (``tokenizer/``, and ``hf/`` with the student's ``save_pretr
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -33,11 +35,12 @@ from torch import nn
 
 from pcdistill.config import Config, ConfigError
 from pcdistill.data.base import DatasetError
-from pcdistill.data.text import build_corpus
+from pcdistill.data.text import build_corpus, corpus_options
 from pcdistill.lm.data import TokenBlockLoader, encode_documents, token_blocks
 from pcdistill.lm.distill import CausalLMDistiller
 from pcdistill.lm.models import CONFIGS, create_causal_lm, full_logits, save_tied_once
 from pcdistill.lm.tokenizer import load_tokenizer, tokenizer_difference, train_tokenizer
+from pcdistill.registry import closest
 from pcdistill.tasks.base import Task, check_loss_fits
 
 DATA_OPTIONS = {"block_size": 128, "vocab_size": 8192, "tokenizer": None}  # ours; the rest go to the corpus
@@ -68,6 +71,26 @@ def tokenizer_folder(path: str | Path) -> Path | None:
         if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
             return folder
     return None
+
+
+def must_exist(key: str, path) -> None:
+    """A ConfigError naming ``key`` when its folder is missing (rather than "holds no tokenizer")."""
+    if not Path(path).exists():
+        raise ConfigError(f"{key} {str(path)!r} does not exist; expected a causal_lm run folder (pcdistill train "
+                          f"<config> --out DIR writes DIR/hf and DIR/tokenizer) or a save_pretrained folder")
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No "Loading weights" / "Writing model shards" bars of transformers between the trainer's own lines."""
+    from transformers.utils import logging as hf_logging
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _load_tokenizer(key: str, folder: Path):
@@ -104,7 +127,10 @@ def resolve_tokenizer(cfg: Config, ctx, train_docs, vocab_size: int):
     a teacher whose tokenizer differs from the one used is refused."""
     given = cfg.data.options.get("tokenizer")
     teacher_tok = None
+    if given:
+        must_exist("data.options.tokenizer", given)
     if cfg.teacher.name:
+        must_exist("teacher.path", cfg.teacher.path)
         folder = tokenizer_folder(cfg.teacher.path)
         if folder is None and not given:
             raise ConfigError(f"teacher.path {cfg.teacher.path!r} holds no tokenizer (expected tokenizer/ in a "
@@ -141,10 +167,12 @@ def _vocab_size(model: nn.Module) -> int:
 
 def pretrained(section: str, name: str, path: str, tokens: int) -> nn.Module:
     """The model of a save_pretrained (or run) folder, checked against ``name`` and the tokenizer's size."""
-    folder = model_folder(path)
     key = "teacher.path" if section == "teacher" else "model.weights"
+    must_exist(key, path)
+    folder = model_folder(path)
     try:
-        model = create_causal_lm({"path": str(folder)})
+        with quiet_transformers():
+            model = create_causal_lm({"path": str(folder)})
     except (FileNotFoundError, ValueError, OSError) as err:
         raise ConfigError(f"{key}: {err}") from None
     kind = getattr(model.config, "model_type", None)
@@ -157,10 +185,15 @@ def pretrained(section: str, name: str, path: str, tokens: int) -> nn.Module:
     return model
 
 
+def check_model_name(name: str) -> None:
+    if name != "hf" and name not in CONFIGS:
+        raise ConfigError(f"model.name {name!r} is not a causal LM{closest(str(name), [*CONFIGS, 'hf'])}: use a "
+                          f"config type ({', '.join(CONFIGS)}) with model.options for a random init, or hf with "
+                          f"model.weights: FOLDER")
+
+
 def random_init(name: str, options: dict, tokenizer) -> nn.Module:
-    if name not in CONFIGS:
-        raise ConfigError(f"model.name {name!r} is not a causal LM: use a config type ({', '.join(CONFIGS)}) with "
-                          f"model.options for a random init, or hf with model.weights: FOLDER")
+    check_model_name(name)
     tokens = len(tokenizer)
     options = dict(options)
     vocab = options.pop("vocab_size", tokens)
@@ -193,16 +226,38 @@ def _blocks(split: str, docs, tokenizer, block_size: int, ctx) -> torch.Tensor:
         raise ConfigError(f"the {split} split ({len(docs)} documents): {err}") from None
 
 
+def require_lm_extra() -> None:
+    """A ConfigError naming the ``lm`` extra when transformers or tokenizers is missing (a base install)."""
+    try:
+        import tokenizers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"task: causal_lm needs the language-model extra ({err}): pip install 'pcdistill[lm]' "
+                          f"(in a clone: pip install -e '.[lm]')") from None
+
+
 def build(cfg: Config, ctx) -> Task:
+    require_lm_extra()
+    check_model_name(cfg.model.name)  # before the corpus and the tokenizer are built
     options = dict(cfg.data.options)
     ours = {key: options.pop(key, default) for key, default in DATA_OPTIONS.items()}
+    try:
+        corpus_own = [k for k in corpus_options(cfg.data.name) if k not in ("val_fraction", "root")]
+    except DatasetError as err:
+        raise DatasetError(f"data: {err}") from None
+    unknown = sorted(set(options) - set(corpus_own))
+    if unknown:
+        raise ConfigError(f"data.options: unknown option(s) {', '.join(map(repr, unknown))}"
+                          f"{closest(unknown[0], [*DATA_OPTIONS, *corpus_own])}; data.options takes "
+                          f"{', '.join(DATA_OPTIONS)} (the tokenizer and the blocks) and the options of corpus "
+                          f"{cfg.data.name!r}: {', '.join(corpus_own)}")
     block_size = _positive_int("block_size", ours["block_size"], 2)
     vocab_size = _positive_int("vocab_size", ours["vocab_size"], 1)
-    corpus_options = options | {"val_fraction": cfg.data.val_fraction}
+    corpus_args = options | {"val_fraction": cfg.data.val_fraction}
     if cfg.data.root:
-        corpus_options["root"] = cfg.data.root
+        corpus_args["root"] = cfg.data.root
     try:
-        splits = build_corpus(cfg.data.name, **corpus_options)
+        splits = build_corpus(cfg.data.name, **corpus_args)
     except DatasetError as err:
         raise DatasetError(f"data: {err}") from None
     tokenizer, tokenizer_source = resolve_tokenizer(cfg, ctx, splits.train, vocab_size)
@@ -219,7 +274,8 @@ def build(cfg: Config, ctx) -> Task:
     try:
         module = CausalLMDistiller(student, teacher, loss=cfg.distill.method, loss_options=cfg.distill.loss,
                                    alpha=cfg.distill.alpha, ce_weight=cfg.distill.ce_weight,
-                                   warmup_epochs=cfg.distill.warmup_epochs)
+                                   warmup_epochs=cfg.distill.warmup_epochs,
+                                   part_gradients=False)  # the trainer only sums the entries
     except ValueError as err:
         raise ConfigError(f"distill: {err}") from None
 
@@ -256,9 +312,21 @@ def build(cfg: Config, ctx) -> Task:
         return out
 
     def export(net: nn.Module, out_dir: Path) -> None:
-        net.save_pretrained(out_dir / "hf")
+        with quiet_transformers():
+            net.save_pretrained(out_dir / "hf")
         tokenizer.save_pretrained(out_dir / "hf")
         tokenizer.save_pretrained(out_dir / "tokenizer")
+
+    if ctx.is_main:
+        given = cfg.data.options.get("tokenizer")
+        origin = "data.options.tokenizer" if given else "the teacher's" if teacher is not None else \
+            f"a byte-level BPE of vocab_size {vocab_size} trained on the train split (cached)"
+        sizes = f"student {_vocab_size(student)}" + (f", teacher {_vocab_size(teacher)}" if teacher else "")
+        evals = ", ".join(f"{split} {len(loader.dataset)} blocks" for split, loader in eval_loaders.items())
+        print(f"causal_lm: tokenizer {tokenizer_source} ({origin}; {tokens} tokens); vocabulary: {sizes}; train "
+              f"{len(train_blocks)} blocks of {block_size} tokens = {len(train_loader)} steps per epoch of "
+              f"{cfg.trainer.batch_size} blocks" + (f" x {ctx.world_size} processes" if ctx.world_size > 1 else "")
+              + f"; {evals}", file=sys.stderr, flush=True)
 
     metadata = {"task": "causal_lm", "model": cfg.model.name, "model_options": cfg.model.options,
                 "vocab_size": _vocab_size(student), "dataset": cfg.data.name, "tokenizer": str(tokenizer_source)}
