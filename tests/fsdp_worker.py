@@ -1,6 +1,6 @@
-"""Run under torchrun by tests/test_lm_distill.py: one CausalLMDistiller step of a student sharded by FSDP2
-(``fully_shard``, gloo on CPU), each rank on its half of the batch; rank 0 saves the loss and the whole
-gradients."""
+"""Run as two processes by tests/test_lm_distill.py (tests/helpers.run_two_processes): one CausalLMDistiller
+step of a student sharded by FSDP2 (``fully_shard``, gloo on CPU), each rank on its half of the batch; rank 0
+saves the loss and the whole gradients."""
 import sys
 
 import torch.distributed as dist
@@ -8,11 +8,12 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 
 from pcdistill.lm.distill import IGNORE, CausalLMDistiller, shifted_targets
+from tests.helpers import init_process_group
 from tests.test_lm_distill import V_T, even_batch, tiny_lm
 
 if __name__ == "__main__":
     loss, out = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
+    init_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     student, teacher = tiny_lm(), tiny_lm(vocab=V_T, seed=1)
     for layer in student.model.layers:

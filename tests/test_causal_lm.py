@@ -292,3 +292,17 @@ def test_tune_chooses_the_lowest_validation_perplexity(runs, tmp_path):
     assert alpha == min(ppl, key=ppl.get)  # lower perplexity wins, not the higher
     for row in rows:  # each value is its run's final-epoch val_ppl
         assert row["val_ppl"] == read_metrics(row["run_dir"])[-1]["val_ppl"]
+
+
+def test_resume_with_more_iterations_goes_on_inside_the_cut_short_epoch(runs):
+    tmp = runs["tmp"]
+    steps = read_metrics(tmp / "teacher")[-1]["step"]  # of the uninterrupted two-epoch run
+    cut = TEACHER | {"trainer": TEACHER["trainer"] | {"iterations": 2}}
+    assert cli("train", write(tmp / "cut.yaml", cut), "--out", str(tmp / "cut"))[0] == 0
+    rc, _, err = cli("train", "--resume", str(tmp / "cut"), f"trainer.iterations={steps}")
+    assert rc == 0, err[-2000:]
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(read_metrics(tmp / "cut")) == drop(read_metrics(tmp / "teacher"))
+    from safetensors.torch import load_file
+    a, b = load_file(tmp / "cut" / "hf" / "model.safetensors"), load_file(tmp / "teacher" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

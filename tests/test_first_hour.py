@@ -144,6 +144,25 @@ def test_resume_extends_a_finished_run_like_an_uninterrupted_one(capsys, tmp_pat
     assert load_config(tmp_path / "short" / "config.yaml").trainer.epochs == 2
 
 
+def test_resume_with_more_iterations_goes_on_inside_the_cut_short_epoch(capsys, tmp_path):
+    # digits at batch 128: 13 steps an epoch, so 5 iterations stop inside the first epoch
+    config = write(tmp_path / "c.yaml", digits_config(trainer={"iterations": 5}))
+    short = tmp_path / "short"
+    assert cli(capsys, "train", str(config), "--out", str(short))[0] == 0
+    rc, out, _ = cli(capsys, "train", "--resume", str(short))
+    assert rc == 0 and "trainer.iterations=N` (N > 5)" in out
+    for iterations, epochs in ((10, 1), (30, 3)):
+        rc, _, err = cli(capsys, "train", "--resume", str(short), f"trainer.iterations={iterations}")
+        assert rc == 0, err
+        rows = read_metrics(short)
+        assert [r["epoch"] for r in rows] == list(range(1, epochs + 1)) and rows[-1]["step"] == iterations
+    assert cli(capsys, "train", str(config), "trainer.iterations=30", "--out", str(tmp_path / "long"))[0] == 0
+    a, b = load_file(short / "model.safetensors"), load_file(tmp_path / "long" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(read_metrics(short)) == drop(read_metrics(tmp_path / "long"))
+
+
 def test_resume_refuses_keys_that_change_the_experiment(capsys, tmp_path):
     config = write(tmp_path / "c.yaml", digits_config(trainer={"epochs": 1}))
     assert cli(capsys, "train", str(config), "--out", str(tmp_path / "run"))[0] == 0

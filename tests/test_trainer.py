@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from safetensors.torch import load_file
 from pcdistill import models
 from pcdistill.config import ConfigError, from_dict
 from pcdistill.distiller import Distiller
+from pcdistill.engine import trainer
 from pcdistill.engine.checkpoint import export_weights, load_checkpoint
+from pcdistill.engine.records import read_metrics
 from pcdistill.engine.trainer import NonFiniteLossError, evaluate_weights, lr_factor, train
 from pcdistill.losses import DKDLoss, KDLoss, PCDLoss, kd_loss
 from tests.helpers import digits_config
@@ -90,6 +93,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_path):
+    # on CUDA a read (.item(), .tolist(), bool(tensor)) waits for the GPU's queue to drain: the loop may read at
+    # its checks (every log_every steps, epoch ends), never once per step
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__format__"):
+        def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename == trainer.__file__:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts, steps = [], []
+    for batch_size in (128, 64):
+        reads.clear()
+        cfg = digits_config(trainer={"epochs": 1, "batch_size": batch_size, "log_every": 1000})
+        steps.append(read_metrics(train(from_dict(cfg), tmp_path / str(batch_size)).out_dir)[-1]["step"])
+        counts.append(len(reads))
+    assert steps[1] >= 2 * steps[0] - 1 and counts[0] == counts[1] > 0, (steps, counts)
 
 
 def test_learning_rate_schedule_formulas():

@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not getattr(err, "reported", False):  # a non-finite loss under DDP: rank 0 has printed it for all ranks
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -89,11 +89,3 @@ def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()
 
-
-def broadcast_flag(flag: bool, ctx: Context) -> bool:
-    """True on every rank if ``flag`` is True on any rank (used to stop all ranks together)."""
-    if not ctx.distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
