@@ -274,7 +274,7 @@ def test_stages_beyond_the_class_count_fail_before_the_run_folder(capsys, tmp_pa
     config = write(tmp_path / "s.yaml", student_config(teacher_dir))
     run = tmp_path / "run"
     assert_clean_error(cli(capsys, "train", str(config), "distill.loss.stages=11", "--out", str(run)),
-                       "distill.loss.stages=11", "10 classes", "[1, 10]")
+                       "distill.loss.stages=11", "10 classes", "[1, C=10]")
     assert not run.exists()
 
 

@@ -94,5 +94,6 @@ def check_loss_fits(cfg: Config, num_classes: int) -> None:
     try:
         get_method(cfg.distill.method).check_fits(num_classes, cfg.distill.loss)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"distill.loss does not fit the {num_classes} classes of dataset {cfg.data.name!r}: "
-                          f"{err}") from None
+        given = ", ".join(f"distill.loss.{k}={v}" for k, v in cfg.distill.loss.items()) or "distill.loss's defaults"
+        raise ConfigError(f"{given} does not fit the {num_classes} classes of dataset {cfg.data.name!r} "
+                          f"(method {cfg.distill.method}): {err}") from None
