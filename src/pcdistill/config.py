@@ -16,7 +16,8 @@ model     name (``pcdistill list models``, or ``timm/<name>`` for any timm model
           keyword arguments; ``pretrained: true`` for timm's own weights), weights (initial weights)
 teacher   name, weights (a ``model.safetensors`` file, a run folder, or a torch checkpoint such as the
           CRD/mdistiller ``ckpt_epoch_240.pth``), options, path (``task: causal_lm`` only: the run folder
-          of a causal_lm teacher run, or a Hugging Face ``save_pretrained`` folder)
+          of a causal_lm teacher run, a Hugging Face ``save_pretrained`` folder, a ``.gguf`` file, or a
+          name of ``pcdistill fetch`` such as ``smollm2-135m``)
 distill   method (vanilla | kd | dkd | dist | pcd), ce_weight, alpha, warmup_epochs,
           loss (that method's arguments, e.g. temperature, stages), box_reg_weight (detection only)
 optim     name (sgd | adamw), lr, momentum, weight_decay, nesterov, clip_grad_norm
@@ -116,7 +117,7 @@ class TeacherConfig:
     name: str | None = None
     weights: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    path: str | None = None  # causal_lm: a teacher run folder or a save_pretrained folder
+    path: str | None = None  # causal_lm: a teacher run folder, a save_pretrained folder, a .gguf file or a fetch name
 
 
 @dataclass
@@ -339,6 +340,11 @@ def save_config(cfg: Config, path: str | Path, given: dict[str, str] | None = No
 PATH_KEYS = ("data.root", "teacher.weights", "teacher.path")
 
 
+def _is_fetchable(value: str) -> bool:
+    from pcdistill.lm.fetch import is_fetchable
+    return is_fetchable(value)
+
+
 def resolve_paths(cfg: Config) -> tuple[Config, dict[str, str]]:
     """``cfg`` with relative ``PATH_KEYS`` made absolute (against the working directory), and the given forms."""
     given = {}
@@ -346,7 +352,7 @@ def resolve_paths(cfg: Config) -> tuple[Config, dict[str, str]]:
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value is None:
+        if value is None or (key == "teacher.path" and _is_fetchable(value)):
             continue
         absolute = os.path.abspath(os.path.expanduser(value))
         if absolute != value:

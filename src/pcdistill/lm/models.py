@@ -2,6 +2,8 @@
 
     student = create_causal_lm({"config": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 8192})
     teacher = create_causal_lm({"path": "teachers/qwen2-0.5b"})        # a save_pretrained folder, read locally
+    teacher = create_causal_lm({"path": "smollm2-135m"})               # a GGUF file, a folder holding one, or a
+                                                                      # name of `pcdistill fetch`
     ok, why = fusable(student)                                        # can the loss be fused with its lm_head?
     hidden = last_hidden_states(student, input_ids)                    # (B, L, H), the full logits never built
 
@@ -10,13 +12,15 @@ transformers is imported on first use (inside create_causal_lm), so the vision p
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pcdistill.registry import closest
+
+from .fetch import resolve
+from .gguf import gguf_file, load_gguf_model
 
 CONFIGS = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "qwen2": "Qwen2Config"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -27,7 +31,11 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 def create_causal_lm(spec: dict) -> nn.Module:
     """``{"path": folder}``: ``AutoModelForCausalLM.from_pretrained(folder)``, local files only; or
-    ``{"config": "llama" | "gpt2" | "qwen2", "vocab_size": V, <that config's keys>}``: a random init."""
+    ``{"config": "llama" | "gpt2" | "qwen2", "vocab_size": V, <that config's keys>}``: a random init.
+
+    ``path`` may also be a ``.gguf`` file or a folder holding one (:func:`pcdistill.lm.gguf.load_gguf_model`,
+    dequantized to float32), or a teacher name of ``pcdistill fetch`` (``smollm2-135m``), which stands for
+    the file that command put in the cache."""
     if not isinstance(spec, dict):
         raise TypeError(f"a causal LM spec is a dict with 'path' or 'config'; got {type(spec).__name__}")
     if ("path" in spec) == ("config" in spec):
@@ -39,10 +47,14 @@ def create_causal_lm(spec: dict) -> nn.Module:
         extra = sorted(set(spec) - {"path"})
         if extra:
             raise ValueError(f"a 'path' spec takes no other key; got {extra} (the folder's config.json holds the rest)")
-        folder = Path(spec["path"])
+        folder = resolve(spec["path"])
+        file = gguf_file(folder)
+        if file is not None:
+            return load_gguf_model(file)
         if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in WEIGHT_FILES):
             raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: expected config.json and one of "
-                                    f"{', '.join(WEIGHT_FILES)} (as written by model.save_pretrained(folder))")
+                                    f"{', '.join(WEIGHT_FILES)} (as written by model.save_pretrained(folder)), "
+                                    f"or a .gguf file")
         return transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     name = spec["config"]
     if name not in CONFIGS:

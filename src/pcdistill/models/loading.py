@@ -14,8 +14,15 @@ def load_model(path: str | Path) -> nn.Module:
 
     ``path`` is a run folder or its ``model.safetensors``; the model name, options and class count come
     from the file's metadata, so no config is needed. Use it as the teacher of your own loop. A causal_lm
-    run gives its Hugging Face model (the same as ``AutoModelForCausalLM.from_pretrained(run / "hf")``).
+    run gives its Hugging Face model (the same as ``AutoModelForCausalLM.from_pretrained(run / "hf")``);
+    a ``.gguf`` file, a folder holding one, or a teacher name of ``pcdistill fetch`` (``smollm2-135m``)
+    gives the causal LM that transformers reads from that GGUF file.
     """
+    from pcdistill.lm.fetch import is_fetchable, resolve
+    from pcdistill.lm.gguf import gguf_file
+    if is_fetchable(path) or gguf_file(path) is not None:
+        from pcdistill.lm.models import create_causal_lm
+        return create_causal_lm({"path": str(resolve(path))}).eval()
     path = resolve_weights(path)
     if not is_safetensors(path):
         raise ValueError(f"{str(path)!r} is not a safetensors file written by `pcdistill train` (a .pt file is a "

@@ -36,15 +36,13 @@ from pcdistill.data.base import DatasetError
 from pcdistill.data.text import build_corpus
 from pcdistill.lm.data import TokenBlockLoader, encode_documents, token_blocks
 from pcdistill.lm.distill import CausalLMDistiller
+from pcdistill.lm.fetch import cache_root, resolve
+from pcdistill.lm.gguf import gguf_file, load_gguf_tokenizer
 from pcdistill.lm.models import CONFIGS, create_causal_lm, full_logits, save_tied_once
 from pcdistill.lm.tokenizer import load_tokenizer, tokenizer_difference, train_tokenizer
 from pcdistill.tasks.base import Task, check_loss_fits
 
 DATA_OPTIONS = {"block_size": 128, "vocab_size": 8192, "tokenizer": None}  # ours; the rest go to the corpus
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PCDISTILL_CACHE") or Path.home() / ".cache" / "pcdistill")
 
 
 def _positive_int(key: str, value, minimum: int) -> int:
@@ -99,31 +97,43 @@ def trained_tokenizer(docs, vocab_size: int, ctx) -> Path:
     return folder
 
 
+def tokenizer_at(key: str, path: str):
+    """(tokenizer, its source) of a GGUF file (or a folder holding one, or a ``pcdistill fetch`` name), a
+    tokenizer folder, a run folder or a save_pretrained folder; None when ``path`` holds no tokenizer."""
+    try:
+        resolved = resolve(path)
+        file = gguf_file(resolved)
+        if file is not None:
+            return load_gguf_tokenizer(file), file
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}") from None
+    folder = tokenizer_folder(resolved)
+    return None if folder is None else (_load_tokenizer(key, folder), folder)
+
+
 def resolve_tokenizer(cfg: Config, ctx, train_docs, vocab_size: int):
     """(tokenizer, where it came from): data.options.tokenizer, the teacher's, or one trained on ``train_docs``;
     a teacher whose tokenizer differs from the one used is refused."""
     given = cfg.data.options.get("tokenizer")
     teacher_tok = None
     if cfg.teacher.name:
-        folder = tokenizer_folder(cfg.teacher.path)
-        if folder is None and not given:
+        teacher_tok = tokenizer_at("teacher.path", cfg.teacher.path)
+        if teacher_tok is None and not given:
             raise ConfigError(f"teacher.path {cfg.teacher.path!r} holds no tokenizer (expected tokenizer/ in a "
-                              f"causal_lm run folder, or tokenizer.json in a save_pretrained folder); set "
-                              f"data.options.tokenizer to the tokenizer folder the teacher was trained with")
-        if folder is not None:
-            teacher_tok = (_load_tokenizer("teacher.path", folder), folder)
+                              f"causal_lm run folder, tokenizer.json in a save_pretrained folder, or a .gguf file); "
+                              f"set data.options.tokenizer to the tokenizer folder the teacher was trained with")
     if given:
-        folder = tokenizer_folder(given)
-        if folder is None:
+        found = tokenizer_at("data.options.tokenizer", given)
+        if found is None:
             raise ConfigError(f"data.options.tokenizer {given!r} holds no tokenizer: expected a folder with "
-                              f"tokenizer.json and tokenizer_config.json (save_pretrained), or a causal_lm run "
-                              f"folder holding tokenizer/")
-        tokenizer, source = _load_tokenizer("data.options.tokenizer", folder), folder
+                              f"tokenizer.json and tokenizer_config.json (save_pretrained), a causal_lm run "
+                              f"folder holding tokenizer/, or a .gguf file")
+        tokenizer, source = found
         if teacher_tok is not None:
             difference = tokenizer_difference(teacher_tok[0], tokenizer)
             if difference is not None:
                 raise ConfigError(f"the teacher's tokenizer ({teacher_tok[1]}) and data.options.tokenizer "
-                                  f"({folder}) differ: {difference} (teacher vs student); distillation compares "
+                                  f"({source}) differ: {difference} (teacher vs student); distillation compares "
                                   f"the two models token id by token id, so they must share one tokenizer")
         return tokenizer, source
     if teacher_tok is not None:
