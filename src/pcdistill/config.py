@@ -17,7 +17,8 @@ model     name (``pcdistill list models``, or ``timm/<name>`` for any timm model
 teacher   name, weights (a ``model.safetensors`` file, a run folder, or a torch checkpoint such as the
           CRD/mdistiller ``ckpt_epoch_240.pth``), options, path (``task: causal_lm`` only: the run folder
           of a causal_lm teacher run, a Hugging Face ``save_pretrained`` folder, a ``.gguf`` file, or a
-          name of ``pcdistill fetch`` such as ``smollm2-135m``)
+          name of ``pcdistill fetch`` such as ``smollm2-135m``), cache (``task: causal_lm`` only: a
+          folder of the teacher's cached hidden states, ``pcdistill cache-teacher``; built when missing)
 distill   method (vanilla | kd | dkd | dist | pcd), ce_weight, alpha, warmup_epochs,
           loss (that method's arguments, e.g. temperature, stages), box_reg_weight (detection only)
 optim     name (sgd | adamw), lr, momentum, weight_decay, nesterov, clip_grad_norm
@@ -118,6 +119,7 @@ class TeacherConfig:
     weights: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     path: str | None = None  # causal_lm: a teacher run folder, a save_pretrained folder, a .gguf file or a fetch name
+    cache: str | None = None  # causal_lm: a teacher cache folder (pcdistill cache-teacher), read instead of a forward
 
 
 @dataclass
@@ -337,7 +339,7 @@ def save_config(cfg: Config, path: str | Path, given: dict[str, str] | None = No
 
 
 # paths a run reads; stored absolute so that a run resumes or is evaluated from any directory
-PATH_KEYS = ("data.root", "teacher.weights", "teacher.path")
+PATH_KEYS = ("data.root", "teacher.weights", "teacher.path", "teacher.cache")
 
 
 def _is_fetchable(value: str) -> bool:
@@ -366,7 +368,8 @@ def resolve_paths(cfg: Config) -> tuple[Config, dict[str, str]]:
 # where files are, and how the work is done; anything else would make it a different experiment
 RESUMABLE = ("trainer.epochs", "trainer.iterations", "optim.lr", "optim.clip_grad_norm", "trainer.amp",
              "trainer.device", "trainer.threads", "trainer.num_workers", "trainer.log_every", "trainer.eval_every",
-             "trainer.checkpoint_every", "trainer.eval_batch_size", "data.root", "teacher.weights", "teacher.path")
+             "trainer.checkpoint_every", "trainer.eval_batch_size", "data.root", "teacher.weights", "teacher.path",
+             "teacher.cache")
 
 
 def flat_config(cfg: Config) -> dict[str, object]:
@@ -486,8 +489,9 @@ def validate(cfg: Config) -> None:
                               "set them to false for detection")
     if cfg.task == "causal_lm":
         _validate_causal_lm(cfg)
-    elif cfg.teacher.path:
-        raise ConfigError(f"teacher.path is for task: causal_lm; for task: {cfg.task} set teacher.weights instead")
+    elif cfg.teacher.path or cfg.teacher.cache:
+        key = "teacher.path" if cfg.teacher.path else "teacher.cache"
+        raise ConfigError(f"{key} is for task: causal_lm; for task: {cfg.task} set teacher.weights instead")
 
 
 def _validate_causal_lm(cfg: Config) -> None:
@@ -517,9 +521,10 @@ def _validate_causal_lm(cfg: Config) -> None:
             raise ConfigError(f"teacher.path is not set: the {t.name} teacher would be untrained; point it to the "
                               f"run folder of a causal_lm teacher run (pcdistill train <teacher config> --out DIR "
                               f"writes DIR/hf and DIR/tokenizer) or to a save_pretrained folder")
-    elif t.path:
-        raise ConfigError(f"teacher.path is set ({t.path!r}) but teacher.name is not; set teacher.name (hf, or the "
-                          f"teacher's config type: llama, gpt2, qwen2) or remove teacher.path")
+    elif t.path or t.cache:
+        key, value = ("teacher.path", t.path) if t.path else ("teacher.cache", t.cache)
+        raise ConfigError(f"{key} is set ({value!r}) but teacher.name is not; set teacher.name (hf, or the "
+                          f"teacher's config type: llama, gpt2, qwen2) and teacher.path, or remove {key}")
     if cfg.model.name == "hf":
         if not cfg.model.weights:
             raise ConfigError("model.name 'hf' loads a pretrained student: set model.weights to its save_pretrained "

@@ -140,6 +140,8 @@ def fusable(model: nn.Module) -> tuple[bool, str]:
             return False, "its config sets tie_last_hidden_states=False, so hidden_states[-1] precedes the final norm"
     if not _accepts(inner, "logits_to_keep"):
         return False, "its forward has no logits_to_keep argument, so it computes the full logits anyway"
+    if getattr(inner, "logits_from_output_layer", False):  # a cached teacher: lm_head(hidden states) by definition
+        return True, "its logits are its output layer applied to its hidden states"
     return _probe(inner)
 
 

@@ -10,10 +10,13 @@ teacher, :class:`~pcdistill.lm.distill.CausalLMDistiller` and perplexity / agree
 ``data.options`` holds ``block_size``, ``vocab_size``, ``tokenizer`` and the corpus's own options).
 ``model.name`` is a config type (``llama``, ``gpt2``, ``qwen2``; ``model.options`` are its keys) or ``hf``
 with ``model.weights`` a ``save_pretrained`` folder or a causal_lm run folder. ``teacher.path`` is a
-causal_lm run folder (its ``hf/`` and ``tokenizer/``) or a ``save_pretrained`` folder; ``teacher.name``
-is ``hf`` or the type the folder must hold.
+causal_lm run folder (its ``hf/`` and ``tokenizer/``), a ``save_pretrained`` folder, a ``.gguf`` file
+(model and tokenizer from it) or a ``pcdistill fetch`` name (``smollm2-135m``); ``teacher.name`` is ``hf``
+or the type the folder must hold. ``teacher.cache``: a folder of the teacher's last hidden states
+(:mod:`pcdistill.lm.teacher_cache`, written by ``pcdistill cache-teacher`` or here when missing), read
+instead of running the teacher; one built for another teacher, tokenizer, corpus or block size is refused.
 
-Tokenizer: ``data.options.tokenizer`` (a tokenizer folder or a run folder), else the teacher's, else a
+Tokenizer: ``data.options.tokenizer`` (a tokenizer folder, a run folder or a GGUF file), else the teacher's, else a
 byte-level BPE of ``vocab_size`` trained on the train split. Trained tokenizers and encoded ids are
 cached under ``$PCDISTILL_CACHE`` (default ``~/.cache/pcdistill``), keyed by a hash of the train split
 and the vocabulary size, written by rank 0 before any model is built; every run copies its tokenizer
@@ -25,6 +28,8 @@ import hashlib
 import math
 import os
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +44,8 @@ from pcdistill.lm.distill import CausalLMDistiller
 from pcdistill.lm.fetch import cache_root, resolve
 from pcdistill.lm.gguf import gguf_file, load_gguf_tokenizer
 from pcdistill.lm.models import CONFIGS, create_causal_lm, full_logits, save_tied_once
+from pcdistill.lm.teacher_cache import (DEFAULT_DTYPE, MANIFEST, CachedTeacher, CacheMismatch, TeacherCache,
+                                        model_sha256, tokenizer_sha256, write_teacher_cache)
 from pcdistill.lm.tokenizer import load_tokenizer, tokenizer_difference, train_tokenizer
 from pcdistill.tasks.base import Task, check_loss_fits
 
@@ -203,7 +210,17 @@ def _blocks(split: str, docs, tokenizer, block_size: int, ctx) -> torch.Tensor:
         raise ConfigError(f"the {split} split ({len(docs)} documents): {err}") from None
 
 
-def build(cfg: Config, ctx) -> Task:
+@dataclass
+class TextData:
+    """A config's tokenizer and the token blocks of its splits, as every causal_lm run and cache sees them."""
+    tokenizer: object
+    tokenizer_source: Path
+    block_size: int
+    blocks: dict[str, torch.Tensor]  # train, and val / test when the corpus has them
+    corpus: dict  # name and options, for messages
+
+
+def text_data(cfg: Config, ctx) -> TextData:
     options = dict(cfg.data.options)
     ours = {key: options.pop(key, default) for key, default in DATA_OPTIONS.items()}
     block_size = _positive_int("block_size", ours["block_size"], 2)
@@ -216,6 +233,62 @@ def build(cfg: Config, ctx) -> Task:
     except DatasetError as err:
         raise DatasetError(f"data: {err}") from None
     tokenizer, tokenizer_source = resolve_tokenizer(cfg, ctx, splits.train, vocab_size)
+    blocks = {split: _blocks(split, docs, tokenizer, block_size, ctx)
+              for split, docs in (("train", splits.train), ("val", splits.val), ("test", splits.test))
+              if docs or split == "train"}
+    return TextData(tokenizer, tokenizer_source, block_size, blocks, {"name": cfg.data.name} | corpus_options)
+
+
+def _cache_identity(cfg: Config, data: TextData) -> dict:
+    """What a teacher cache must have been built for to serve this config."""
+    try:
+        teacher = {"path": cfg.teacher.path, "sha256": model_sha256(cfg.teacher.path)}
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"teacher.path: {err}") from None
+    return {"teacher": teacher, "tokenizer": {"sha256": tokenizer_sha256(data.tokenizer), "size": len(data.tokenizer)},
+            "block_size": data.block_size, "corpus": data.corpus}
+
+
+def cache_teacher(cfg: Config, ctx, out: str | Path, *, dtype: str = DEFAULT_DTYPE, batch_size: int = 8,
+                  data: TextData | None = None) -> Path:
+    """Run the config's teacher once over its train / val / test blocks and store its last hidden states in
+    ``out`` (:func:`pcdistill.lm.teacher_cache.write_teacher_cache`); rank 0 writes, the others wait."""
+    if not cfg.teacher.name:
+        raise ConfigError("cache-teacher needs a teacher: set teacher.name and teacher.path")
+    data = data or text_data(cfg, ctx)
+    identity = _cache_identity(cfg, data)
+    if ctx.is_main:
+        teacher = pretrained("teacher", cfg.teacher.name, cfg.teacher.path, len(data.tokenizer)).to(ctx.device)
+        try:
+            write_teacher_cache(teacher, data.blocks, out, identity=identity, dtype=dtype, batch_size=batch_size)
+        except CacheMismatch as err:
+            raise ConfigError(f"teacher cache: {err}") from None
+    ctx.barrier()
+    return Path(out)
+
+
+def cached_teacher(cfg: Config, ctx, data: TextData) -> CachedTeacher:
+    """The teacher of ``teacher.cache``, checked against the config (built first when the folder has none)."""
+    folder = Path(cfg.teacher.cache)
+    if not (folder / MANIFEST).is_file():
+        if ctx.is_main:
+            print(f"teacher.cache {folder} holds no cache yet: running the teacher once over the "
+                  f"{sum(len(b) for b in data.blocks.values())} blocks of {', '.join(data.blocks)} "
+                  f"(`pcdistill cache-teacher` does this ahead of training)", file=sys.stderr)
+        cache_teacher(cfg, ctx, folder, data=data)
+    try:
+        cache = TeacherCache(folder)
+        cache.check(_cache_identity(cfg, data), data.blocks,
+                    describe={"teacher": "teacher.path", "tokenizer": "data.options.tokenizer or the teacher's",
+                              "block_size": "data.options.block_size"})
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"teacher.cache: {err}") from None
+    return CachedTeacher(cache)
+
+
+def build(cfg: Config, ctx) -> Task:
+    data = text_data(cfg, ctx)
+    tokenizer, tokenizer_source, block_size = data.tokenizer, data.tokenizer_source, data.block_size
     tokens = len(tokenizer)
 
     if cfg.model.name == "hf":
@@ -223,7 +296,10 @@ def build(cfg: Config, ctx) -> Task:
     else:
         student = random_init(cfg.model.name, cfg.model.options, tokenizer)
     save_tied_once(student)
-    teacher = pretrained("teacher", cfg.teacher.name, cfg.teacher.path, tokens) if cfg.teacher.name else None
+    teacher = None
+    if cfg.teacher.name:
+        teacher = cached_teacher(cfg, ctx, data) if cfg.teacher.cache else \
+            pretrained("teacher", cfg.teacher.name, cfg.teacher.path, tokens)
     vocab = _vocab_size(student) if teacher is None else min(_vocab_size(student), _vocab_size(teacher))
     check_loss_fits(cfg, vocab)
     try:
@@ -235,14 +311,13 @@ def build(cfg: Config, ctx) -> Task:
 
     common = dict(seed=cfg.trainer.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     eval_batch = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
-    train_blocks = _blocks("train", splits.train, tokenizer, block_size, ctx)
+    train_blocks = data.blocks["train"]
     train_loader = TokenBlockLoader(train_blocks, batch_size=cfg.trainer.batch_size, train=True, **common)
     if len(train_loader) == 0:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} leaves no full batch: the train split has "
                           f"{len(train_blocks)} blocks of {block_size} tokens over {ctx.world_size} process(es)")
-    eval_loaders = {split: TokenBlockLoader(_blocks(split, docs, tokenizer, block_size, ctx), batch_size=eval_batch,
-                                            train=False, **common)
-                    for split, docs in (("val", splits.val), ("test", splits.test)) if docs}
+    eval_loaders = {split: TokenBlockLoader(blocks, batch_size=eval_batch, train=False, **common)
+                    for split, blocks in data.blocks.items() if split != "train"}
 
     def evaluate(net: nn.Module, loader) -> dict[str, float]:
         # CE sum, tokens, top-1 agreements, KL(p_t || p_s) sum: sums, so ranks and batches add up exactly
