@@ -39,6 +39,40 @@ def stdlib_blocks(tokenizer, blocks: int, length: int) -> torch.Tensor:
     return torch.tensor(ids[: blocks * length]).view(blocks, length)
 
 
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _same_as_transformers(path: str, ids: torch.Tensor, logits: torch.Tensor) -> str | None:
+    """The logits through teacher.path against AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)'s."""
+    import transformers
+
+    from pcdistill.lm.fetch import resolve
+    from pcdistill.lm.gguf import gguf_file
+    file = gguf_file(resolve(path))
+    if file is None:
+        return None
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name).eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.float()
+    return (f"teacher.path {path} vs AutoModelForCausalLM.from_pretrained(dir, gguf_file={file.name!r}): logits "
+            f"max abs difference {(logits - expected).abs().max().item():.3g}")
+
+
+def _float32_cache(teacher, ids: torch.Tensor, logits: torch.Tensor) -> str:
+    """The logits recomputed from a float32 teacher cache of these blocks against the live forward's."""
+    import tempfile
+
+    from pcdistill.lm.models import full_logits
+    from pcdistill.lm.teacher_cache import CachedTeacher, TeacherCache, write_teacher_cache
+    with tempfile.TemporaryDirectory() as folder:
+        write_teacher_cache(teacher, {"train": ids}, folder, identity={}, dtype="float32", progress=False)
+        with torch.no_grad():
+            cached = full_logits(CachedTeacher(TeacherCache(folder)), ids).float()
+    return (f"logits from a float32 teacher cache vs the live forward: max relative difference "
+            f"{_relative(cached, logits):.2g}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="smollm2-135m", help="teacher.path: a fetch name, .gguf or folder")
@@ -54,13 +88,18 @@ def main(argv=None) -> int:
     ids = stdlib_blocks(tokenizer, args.blocks, args.block_size)
     weight, bias = output_layer(teacher)
     with torch.no_grad():
-        hidden = last_hidden_states(teacher, ids).float()
+        out = teacher(input_ids=ids, output_hidden_states=True, use_cache=False)
+        hidden, logits = out.hidden_states[-1].float(), out.logits.float()
         reference = F.log_softmax(F.linear(hidden, weight.float(), bias), dim=-1)
+    checks = [_same_as_transformers(args.teacher, ids, logits), _float32_cache(teacher, ids, logits)]
     vocab, size = weight.shape
     print(f"# teacher_cache_dtype: {args.teacher}, {args.blocks} x {args.block_size} tokens of the standard library "
           f"({', '.join(FILES[:2])}, ...), vocabulary {vocab}, hidden {size}, torch {torch.__version__}; "
           f"{time.perf_counter() - start:.0f} s; largest |hidden state| {hidden.abs().max().item():.1f} "
           f"(float16 holds up to 65504)\n")
+    for line in filter(None, checks):
+        print(f"- {line}")
+    print()
     print("| storage | bytes / token | max abs diff of log p | mean abs diff of log p | KL(p_fp32 || p) / token "
           "| top-1 changed |")
     print("|---|---:|---:|---:|---:|---:|")

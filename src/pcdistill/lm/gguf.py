@@ -1,7 +1,7 @@
 """Causal LMs and tokenizers from GGUF files (llama.cpp's format), read by transformers, local files only.
 
     file = gguf_file("teachers/")                 # a .gguf file, or the one .gguf a folder holds; None otherwise
-    model = load_gguf_model(file)                 # AutoModelForCausalLM.from_pretrained(dir, gguf_file=name), dequantized
+    model = load_gguf_model(file)                 # from_pretrained(dir, gguf_file=name), dequantized
     tokenizer = load_gguf_tokenizer(file)         # AutoTokenizer.from_pretrained(dir, gguf_file=name)
 
 transformers dequantizes the weights into a plain float32 model (``nn.Linear`` layers, so the fused

@@ -12,6 +12,7 @@ transformers is imported on first use (inside create_causal_lm), so the vision p
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,37 @@ def create_causal_lm(spec: dict) -> nn.Module:
     if "vocab_size" not in keys:
         raise ValueError(f"a {name!r} spec needs vocab_size (the tokenizer's vocabulary size)")
     return transformers.AutoModelForCausalLM.from_config(config_cls(**keys))
+
+
+LAYER_KEY = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")  # a decoder layer's index in a state dict key
+
+
+def keep_layers(model: nn.Module, layers: list[int]) -> nn.Module:
+    """A new causal LM of ``model``'s type and sizes with only its decoder layers ``layers`` (in that order):
+    embeddings, final norm, output layer and those layers' weights copied, the prune-then-distill
+    initialisation of DistilBERT (every other layer) and Minitron (depth pruning)."""
+    import copy
+
+    import transformers
+    config = copy.deepcopy(model.config)
+    total = config.num_hidden_layers
+    if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise ValueError(f"layers must be a non-empty list of layer indices; got {layers!r}")
+    if sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= total:
+        raise ValueError(f"layers must be increasing indices in [0, {total}) (the source has {total} layers); "
+                         f"got {layers}")
+    config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Qwen2, Gemma)
+        config.layer_types = [config.layer_types[i] for i in layers]
+    if hasattr(config, "quantization_config"):  # a GGUF source was dequantized; the copy is a plain model
+        del config.quantization_config
+    pruned = transformers.AutoModelForCausalLM.from_config(config)
+    source = model.state_dict()
+
+    def origin(key: str) -> str:
+        return LAYER_KEY.sub(lambda m: f"{m.group(1)}{m.group(2)}.{layers[int(m.group(3))]}.", key, count=1)
+    pruned.load_state_dict({key: source[origin(key)] for key in pruned.state_dict()})
+    return pruned
 
 
 def unwrap(model: nn.Module) -> nn.Module:

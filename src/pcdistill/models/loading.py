@@ -48,7 +48,8 @@ def _causal_lm(path: Path, meta: dict) -> nn.Module:
     """A causal_lm run's student: its config type, options and vocabulary size from the metadata, then its weights."""
     from pcdistill.lm.models import CONFIGS, create_causal_lm, save_tied_once
     name = meta.get("model")
-    if name == "hf" or name not in CONFIGS:  # started from a folder: the run's hf/ export has the whole config
+    # started from a folder or from another model's layers: the sizes are in the run's hf/ export, not the metadata
+    if name == "hf" or name not in CONFIGS or meta.get("init"):
         folder = Path(path).parent / "hf"
         if not (folder / "config.json").is_file():
             raise ValueError(f"{str(path)!r} is a causal LM started from a pretrained folder; its config is in the "

@@ -43,7 +43,7 @@ from pcdistill.lm.data import TokenBlockLoader, encode_documents, token_blocks
 from pcdistill.lm.distill import CausalLMDistiller
 from pcdistill.lm.fetch import cache_root, resolve
 from pcdistill.lm.gguf import gguf_file, load_gguf_tokenizer
-from pcdistill.lm.models import CONFIGS, create_causal_lm, full_logits, save_tied_once
+from pcdistill.lm.models import CONFIGS, create_causal_lm, full_logits, keep_layers, save_tied_once
 from pcdistill.lm.teacher_cache import (DEFAULT_DTYPE, MANIFEST, CachedTeacher, CacheMismatch, TeacherCache,
                                         model_sha256, tokenizer_sha256, write_teacher_cache)
 from pcdistill.lm.tokenizer import load_tokenizer, tokenizer_difference, train_tokenizer
@@ -156,10 +156,10 @@ def _vocab_size(model: nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def pretrained(section: str, name: str, path: str, tokens: int) -> nn.Module:
+def pretrained(section: str, name: str, path: str, tokens: int, key: str | None = None) -> nn.Module:
     """The model of a save_pretrained (or run) folder, checked against ``name`` and the tokenizer's size."""
     folder = model_folder(path)
-    key = "teacher.path" if section == "teacher" else "model.weights"
+    key = key or ("teacher.path" if section == "teacher" else "model.weights")
     try:
         model = create_causal_lm({"path": str(folder)})
     except (FileNotFoundError, ValueError, OSError) as err:
@@ -172,6 +172,16 @@ def pretrained(section: str, name: str, path: str, tokens: int) -> nn.Module:
         raise ConfigError(f"{key} {str(folder)!r}: its vocabulary has {_vocab_size(model)} entries, fewer than the "
                           f"{tokens} tokens of the tokenizer; the model and the tokenizer must belong together")
     return model
+
+
+def layers_init(name: str, init: dict, tokens: int) -> nn.Module:
+    """``model.init``: a student with the embeddings, final norm, output layer and ``init["layers"]`` of the
+    model at ``init["from"]`` (prune-then-distill)."""
+    source = pretrained("model", name, init["from"], tokens, key="model.init.from")
+    try:
+        return keep_layers(source, init["layers"])
+    except ValueError as err:
+        raise ConfigError(f"model.init.layers: {err}") from None
 
 
 def random_init(name: str, options: dict, tokenizer) -> nn.Module:
@@ -293,6 +303,8 @@ def build(cfg: Config, ctx) -> Task:
 
     if cfg.model.name == "hf":
         student = pretrained("model", "hf", cfg.model.weights, tokens)
+    elif cfg.model.init:
+        student = layers_init(cfg.model.name, cfg.model.init, tokens)
     else:
         student = random_init(cfg.model.name, cfg.model.options, tokenizer)
     save_tied_once(student)
@@ -346,6 +358,7 @@ def build(cfg: Config, ctx) -> Task:
         tokenizer.save_pretrained(out_dir / "tokenizer")
 
     metadata = {"task": "causal_lm", "model": cfg.model.name, "model_options": cfg.model.options,
-                "vocab_size": _vocab_size(student), "dataset": cfg.data.name, "tokenizer": str(tokenizer_source)}
+                "init": cfg.model.init, "vocab_size": _vocab_size(student), "dataset": cfg.data.name,
+                "tokenizer": str(tokenizer_source)}
     return Task(module, student, train_loader, eval_loaders, evaluate, "ppl", metadata,
                 lower_is_better=("ppl", "kl"), export=export)
