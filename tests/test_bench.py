@@ -80,3 +80,16 @@ def test_lm_steps_quick_prints_every_kind(capsys):
     for kind in bench.KINDS:
         assert f"| {kind} | " in out
     assert "h of wall time" in out
+
+
+def test_lm_steps_teacher_cache_rows_time_every_kind(capsys, monkeypatch):
+    bench = load("lm_steps")
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 300}
+    monkeypatch.setattr(bench, "SMOLLM2", bench.SMOLLM2 | tiny)  # the recipe's student and batch, tiny models
+    seconds = bench.cache_worker(steps=1)
+    assert sorted(seconds) == sorted(bench.CACHE_KINDS) and all(v > 0 for v in seconds.values())
+    assert bench._print_cache_rows([seconds], processes=1, steps=1) == 0
+    out = capsys.readouterr().out
+    for kind in bench.CACHE_KINDS:
+        assert f"| {kind} | " in out
