@@ -184,3 +184,15 @@ def test_cached_training_equals_live_training_and_never_runs_the_teacher(tmp_pat
     path.write_text(yaml.safe_dump(bigger))
     rc, _, err = cli("train", str(path), f"teacher.cache={tmp_path / 'cache'}", "--out", str(tmp_path / "refused"))
     assert rc == 2 and "was built for another block_size" in err and "data.options.block_size" in err
+
+
+def test_a_run_whose_teacher_cache_is_missing_builds_it_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("PCDISTILL_CACHE", str(tmp_path / "home"))
+    gguf = tiny_gguf(tmp_path / "teacher")[0]
+    path = tmp_path / "kd.yaml"
+    path.write_text(yaml.safe_dump(config(gguf, cache=str(tmp_path / "new-cache"))))
+    rc, _, err = cli("train", str(path), "trainer.iterations=2", "--out", str(tmp_path / "run"))
+    assert rc == 0, err
+    assert "holds no cache yet: running the teacher once" in err and "teacher cache" in err
+    manifest = json.loads((tmp_path / "new-cache" / "manifest.json").read_text())
+    assert manifest["dtype"] == "float16" and sorted(manifest["splits"]) == ["test", "train", "val"]
