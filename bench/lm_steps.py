@@ -12,6 +12,15 @@ other, are not counted).
 
     python bench/lm_steps.py                 # the full recipe, two processes, 4 timed steps each
     python bench/lm_steps.py --quick         # the --quick recipe, one step: seconds
+
+``--teacher-cache``: what the teacher cache buys with a real teacher's sizes (SmolLM2-135M: hidden 576,
+30 layers, vocabulary 49,152; random weights, the time does not depend on them) and the student, batch
+and block of ``configs/lm/smollm2/kd.yaml``: one training step of the vanilla student, of KD with the
+teacher's forward in the step, of KD and PCD reading the teacher's hidden states from a float16 cache
+(the teacher's logits recomputed inside the fused loss), each with its ratio to the vanilla step.
+
+    python bench/lm_steps.py --teacher-cache            # two processes side by side, one thread each
+    python bench/lm_steps.py --teacher-cache --quick    # one timed step
 """
 from __future__ import annotations
 
@@ -28,6 +37,10 @@ import torch
 from pcdistill.evidence import lm
 
 KINDS = ["teacher"] + [v.name for v in lm.VARIANTS] + ["eval", "buckets"]
+CACHE_KINDS = ["vanilla", "kd, teacher forward in the step", "kd, teacher cache", "pcd, teacher cache"]
+SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
+RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "lm", "smollm2", "kd.yaml")
 
 
 def _models(recipe: lm.LMRecipe):
@@ -106,6 +119,56 @@ def worker(quick: bool, steps: int) -> dict[str, float]:
     return out
 
 
+def _timed_cpu(fn, steps: int) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds of this process) of ``fn`` after one warm-up call; on a machine
+    shared with other jobs the CPU seconds of a one-thread process are the steadier measure."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(steps):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def cache_worker(steps: int) -> dict[str, list[float]]:
+    """{kind: [median wall seconds, median CPU seconds]} of the --teacher-cache rows in this process, one thread."""
+    import tempfile
+
+    from pcdistill.config import load_config
+    from pcdistill.lm.distill import CausalLMDistiller
+    from pcdistill.lm.models import create_causal_lm
+    from pcdistill.lm.teacher_cache import CachedTeacher, TeacherCache, write_teacher_cache
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = load_config(RECIPE)
+    teacher = create_causal_lm({"config": "llama"} | SMOLLM2).eval()
+    if cfg.model.init:  # the teacher's sizes with the kept layers (their values do not matter for the time)
+        student = create_causal_lm({"config": "llama"} | SMOLLM2 | {"num_hidden_layers": len(cfg.model.init["layers"])})
+    else:
+        student = create_causal_lm({"config": cfg.model.name, "vocab_size": SMOLLM2["vocab_size"]} | cfg.model.options)
+    ids = torch.randint(0, SMOLLM2["vocab_size"], (cfg.trainer.batch_size, cfg.data.options["block_size"]))
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        write_teacher_cache(teacher, {"train": ids}, folder, identity={}, progress=False)
+        cached = CachedTeacher(TeacherCache(folder))
+        options = cfg.distill.loss
+        runs = {"vanilla": (None, "vanilla", {}), "kd, teacher forward in the step": (teacher, "kd", options),
+                "kd, teacher cache": (cached, "kd", options), "pcd, teacher cache": (cached, "pcd", {"stages": 3})}
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        for kind, (source, method, loss_options) in runs.items():
+            module = CausalLMDistiller(student, source, loss=method, loss_options=loss_options).train()
+
+            def step():
+                _, parts = module(ids, ids, epoch=1.0, progress=0.5)
+                sum(parts.values()).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            out[kind] = list(_timed_cpu(step, steps))
+    return out
+
+
 def suite_counts(plan: lm.LMPlan, steps_per_epoch: int, val_batches: int, test_batches: int,
                  bucket_batches: int) -> dict[str, float]:
     """{kind: how many of it the suite runs}: training steps per run kind, evaluation and bucket batches."""
@@ -132,14 +195,17 @@ def main(argv=None) -> int:
     parser.add_argument("--val-batches", type=int, default=9)
     parser.add_argument("--test-batches", type=int, default=12)
     parser.add_argument("--bucket-batches", type=int, default=23, help="batches of 8 blocks of the test-token pass")
+    parser.add_argument("--teacher-cache", action="store_true",
+                        help="the teacher-cache rows: vanilla, KD with the teacher's forward, KD and PCD from a cache")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     steps = 1 if args.quick else args.steps
     if args.worker:
-        print(json.dumps(worker(args.quick, steps)))
+        print(json.dumps(cache_worker(steps) if args.teacher_cache else worker(args.quick, steps)))
         return 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, __file__, "--worker", "--steps", str(steps)] + (["--quick"] if args.quick else [])
+    command = [sys.executable, __file__, "--worker", "--steps", str(steps)] + (["--quick"] if args.quick else []) \
+        + (["--teacher-cache"] if args.teacher_cache else [])
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True) for _ in range(args.processes)]
     results = []
     for proc in procs:
@@ -147,6 +213,8 @@ def main(argv=None) -> int:
         if proc.returncode:
             raise SystemExit(f"a timing process failed (exit {proc.returncode})")
         results.append(json.loads(stdout.strip().splitlines()[-1]))
+    if args.teacher_cache:
+        return _print_cache_rows(results, args.processes, steps)
     seconds = {k: statistics.fmean(r[k] for r in results) for k in KINDS}
     plan = lm.quick_plan() if args.quick else lm.full_plan()
     counts = suite_counts(plan, args.steps_per_epoch, args.val_batches, args.test_batches, args.bucket_batches)
@@ -162,6 +230,20 @@ def main(argv=None) -> int:
     wall = total / args.processes
     print(f"\nsuite: {total:.0f} CPU seconds; on {args.processes} process(es) about {wall:.0f} s = "
           f"{wall / 3600:.2f} h of wall time (phase ends not counted)")
+    return 0
+
+
+def _print_cache_rows(results: list[dict], processes: int, steps: int) -> int:
+    wall = {k: statistics.fmean(r[k][0] for r in results) for k in CACHE_KINDS}
+    cpu = {k: statistics.fmean(r[k][1] for r in results) for k in CACHE_KINDS}
+    print(f"# lm_steps --teacher-cache: {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {os.cpu_count()} "
+          f"cores, {processes} process(es) side by side, one thread each, median of {steps} step(s); teacher of "
+          f"SmolLM2-135M's sizes, student and batch of configs/lm/smollm2/kd.yaml\n")
+    print("| training step | seconds | / vanilla | CPU seconds | / vanilla |")
+    print("|---|---:|---:|---:|---:|")
+    for kind in CACHE_KINDS:
+        print(f"| {kind} | {wall[kind]:.2f} | {wall[kind] / wall['vanilla']:.2f}x | {cpu[kind]:.2f} | "
+              f"{cpu[kind] / cpu['vanilla']:.2f}x |")
     return 0
 
 

@@ -247,6 +247,9 @@ def main(argv=None) -> int:
         print(json.dumps(probe(*args.probe)))
         return 0
 
+    if "PCD K=3 (Triton)" in args.methods and args.device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("'PCD K=3 (Triton)' runs on the CPU only under the Triton interpreter: set TRITON_INTERPRET=1 "
+                     "(slow; a correctness check) or use --device cuda")
     devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))

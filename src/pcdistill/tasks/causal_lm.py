@@ -10,10 +10,13 @@ teacher, :class:`~pcdistill.lm.distill.CausalLMDistiller` and perplexity / agree
 ``data.options`` holds ``block_size``, ``vocab_size``, ``tokenizer`` and the corpus's own options).
 ``model.name`` is a config type (``llama``, ``gpt2``, ``qwen2``; ``model.options`` are its keys) or ``hf``
 with ``model.weights`` a ``save_pretrained`` folder or a causal_lm run folder. ``teacher.path`` is a
-causal_lm run folder (its ``hf/`` and ``tokenizer/``) or a ``save_pretrained`` folder; ``teacher.name``
-is ``hf`` or the type the folder must hold.
+causal_lm run folder (its ``hf/`` and ``tokenizer/``), a ``save_pretrained`` folder, a ``.gguf`` file
+(model and tokenizer from it) or a ``pcdistill fetch`` name (``smollm2-135m``); ``teacher.name`` is ``hf``
+or the type the folder must hold. ``teacher.cache``: a folder of the teacher's last hidden states
+(:mod:`pcdistill.lm.teacher_cache`, written by ``pcdistill cache-teacher`` or here when missing), read
+instead of running the teacher; one built for another teacher, tokenizer, corpus or block size is refused.
 
-Tokenizer: ``data.options.tokenizer`` (a tokenizer folder or a run folder), else the teacher's, else a
+Tokenizer: ``data.options.tokenizer`` (a tokenizer folder, a run folder or a GGUF file), else the teacher's, else a
 byte-level BPE of ``vocab_size`` trained on the train split. Trained tokenizers and encoded ids are
 cached under ``$PCDISTILL_CACHE`` (default ``~/.cache/pcdistill``), keyed by a hash of the train split
 and the vocabulary size, written by rank 0 before any model is built; every run copies its tokenizer
@@ -27,6 +30,7 @@ import math
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,16 +42,16 @@ from pcdistill.data.base import DatasetError
 from pcdistill.data.text import build_corpus, corpus_options
 from pcdistill.lm.data import TokenBlockLoader, encode_documents, token_blocks
 from pcdistill.lm.distill import CausalLMDistiller
-from pcdistill.lm.models import CONFIGS, create_causal_lm, full_logits, save_tied_once
+from pcdistill.lm.fetch import TEACHERS, cache_root, resolve
+from pcdistill.lm.gguf import gguf_file, load_gguf_tokenizer
+from pcdistill.lm.models import CONFIGS, create_causal_lm, full_logits, keep_layers, save_tied_once
+from pcdistill.lm.teacher_cache import (DEFAULT_DTYPE, MANIFEST, CachedTeacher, CacheMismatch, TeacherCache,
+                                        model_sha256, tokenizer_sha256, write_teacher_cache)
 from pcdistill.lm.tokenizer import load_tokenizer, tokenizer_difference, train_tokenizer
 from pcdistill.registry import closest
 from pcdistill.tasks.base import Task, check_loss_fits
 
 DATA_OPTIONS = {"block_size": 128, "vocab_size": 8192, "tokenizer": None}  # ours; the rest go to the corpus
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PCDISTILL_CACHE") or Path.home() / ".cache" / "pcdistill")
 
 
 def _positive_int(key: str, value, minimum: int) -> int:
@@ -74,10 +78,16 @@ def tokenizer_folder(path: str | Path) -> Path | None:
 
 
 def must_exist(key: str, path) -> None:
-    """A ConfigError naming ``key`` when its folder is missing (rather than "holds no tokenizer")."""
-    if not Path(path).exists():
+    """A ConfigError naming ``key`` when its path is missing (rather than "holds no tokenizer"); a ``pcdistill
+    fetch`` name not fetched yet says how to fetch it."""
+    try:
+        resolved = resolve(path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    if not resolved.exists():
         raise ConfigError(f"{key} {str(path)!r} does not exist; expected a causal_lm run folder (pcdistill train "
-                          f"<config> --out DIR writes DIR/hf and DIR/tokenizer) or a save_pretrained folder")
+                          f"<config> --out DIR writes DIR/hf and DIR/tokenizer), a save_pretrained folder, a .gguf "
+                          f"file or a name of `pcdistill fetch` ({', '.join(TEACHERS)})")
 
 
 @contextlib.contextmanager
@@ -122,6 +132,20 @@ def trained_tokenizer(docs, vocab_size: int, ctx) -> Path:
     return folder
 
 
+def tokenizer_at(key: str, path: str):
+    """(tokenizer, its source) of a GGUF file (or a folder holding one, or a ``pcdistill fetch`` name), a
+    tokenizer folder, a run folder or a save_pretrained folder; None when ``path`` holds no tokenizer."""
+    try:
+        resolved = resolve(path)
+        file = gguf_file(resolved)
+        if file is not None:
+            return load_gguf_tokenizer(file), file
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}") from None
+    folder = tokenizer_folder(resolved)
+    return None if folder is None else (_load_tokenizer(key, folder), folder)
+
+
 def resolve_tokenizer(cfg: Config, ctx, train_docs, vocab_size: int):
     """(tokenizer, where it came from): data.options.tokenizer, the teacher's, or one trained on ``train_docs``;
     a teacher whose tokenizer differs from the one used is refused."""
@@ -131,25 +155,23 @@ def resolve_tokenizer(cfg: Config, ctx, train_docs, vocab_size: int):
         must_exist("data.options.tokenizer", given)
     if cfg.teacher.name:
         must_exist("teacher.path", cfg.teacher.path)
-        folder = tokenizer_folder(cfg.teacher.path)
-        if folder is None and not given:
+        teacher_tok = tokenizer_at("teacher.path", cfg.teacher.path)
+        if teacher_tok is None and not given:
             raise ConfigError(f"teacher.path {cfg.teacher.path!r} holds no tokenizer (expected tokenizer/ in a "
-                              f"causal_lm run folder, or tokenizer.json in a save_pretrained folder); set "
-                              f"data.options.tokenizer to the tokenizer folder the teacher was trained with")
-        if folder is not None:
-            teacher_tok = (_load_tokenizer("teacher.path", folder), folder)
+                              f"causal_lm run folder, tokenizer.json in a save_pretrained folder, or a .gguf file); "
+                              f"set data.options.tokenizer to the tokenizer folder the teacher was trained with")
     if given:
-        folder = tokenizer_folder(given)
-        if folder is None:
+        found = tokenizer_at("data.options.tokenizer", given)
+        if found is None:
             raise ConfigError(f"data.options.tokenizer {given!r} holds no tokenizer: expected a folder with "
-                              f"tokenizer.json and tokenizer_config.json (save_pretrained), or a causal_lm run "
-                              f"folder holding tokenizer/")
-        tokenizer, source = _load_tokenizer("data.options.tokenizer", folder), folder
+                              f"tokenizer.json and tokenizer_config.json (save_pretrained), a causal_lm run "
+                              f"folder holding tokenizer/, or a .gguf file")
+        tokenizer, source = found
         if teacher_tok is not None:
             difference = tokenizer_difference(teacher_tok[0], tokenizer)
             if difference is not None:
                 raise ConfigError(f"the teacher's tokenizer ({teacher_tok[1]}) and data.options.tokenizer "
-                                  f"({folder}) differ: {difference} (teacher vs student); distillation compares "
+                                  f"({source}) differ: {difference} (teacher vs student); distillation compares "
                                   f"the two models token id by token id, so they must share one tokenizer")
         return tokenizer, source
     if teacher_tok is not None:
@@ -165,9 +187,9 @@ def _vocab_size(model: nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def pretrained(section: str, name: str, path: str, tokens: int) -> nn.Module:
+def pretrained(section: str, name: str, path: str, tokens: int, key: str | None = None) -> nn.Module:
     """The model of a save_pretrained (or run) folder, checked against ``name`` and the tokenizer's size."""
-    key = "teacher.path" if section == "teacher" else "model.weights"
+    key = key or ("teacher.path" if section == "teacher" else "model.weights")
     must_exist(key, path)
     folder = model_folder(path)
     try:
@@ -190,6 +212,16 @@ def check_model_name(name: str) -> None:
         raise ConfigError(f"model.name {name!r} is not a causal LM{closest(str(name), [*CONFIGS, 'hf'])}: use a "
                           f"config type ({', '.join(CONFIGS)}) with model.options for a random init, or hf with "
                           f"model.weights: FOLDER")
+
+
+def layers_init(name: str, init: dict, tokens: int) -> nn.Module:
+    """``model.init``: a student with the embeddings, final norm, output layer and ``init["layers"]`` of the
+    model at ``init["from"]`` (prune-then-distill)."""
+    source = pretrained("model", name, init["from"], tokens, key="model.init.from")
+    try:
+        return keep_layers(source, init["layers"])
+    except ValueError as err:
+        raise ConfigError(f"model.init.layers: {err}") from None
 
 
 def random_init(name: str, options: dict, tokenizer) -> nn.Module:
@@ -236,9 +268,17 @@ def require_lm_extra() -> None:
                           f"(in a clone: pip install -e '.[lm]')") from None
 
 
-def build(cfg: Config, ctx) -> Task:
-    require_lm_extra()
-    check_model_name(cfg.model.name)  # before the corpus and the tokenizer are built
+@dataclass
+class TextData:
+    """A config's tokenizer and the token blocks of its splits, as every causal_lm run and cache sees them."""
+    tokenizer: object
+    tokenizer_source: Path
+    block_size: int
+    blocks: dict[str, torch.Tensor]  # train, and val / test when the corpus has them
+    corpus: dict  # name and options, for messages
+
+
+def text_data(cfg: Config, ctx) -> TextData:
     options = dict(cfg.data.options)
     ours = {key: options.pop(key, default) for key, default in DATA_OPTIONS.items()}
     try:
@@ -261,14 +301,77 @@ def build(cfg: Config, ctx) -> Task:
     except DatasetError as err:
         raise DatasetError(f"data: {err}") from None
     tokenizer, tokenizer_source = resolve_tokenizer(cfg, ctx, splits.train, vocab_size)
+    blocks = {split: _blocks(split, docs, tokenizer, block_size, ctx)
+              for split, docs in (("train", splits.train), ("val", splits.val), ("test", splits.test))
+              if docs or split == "train"}
+    return TextData(tokenizer, tokenizer_source, block_size, blocks, {"name": cfg.data.name} | corpus_args)
+
+
+def _cache_identity(cfg: Config, data: TextData) -> dict:
+    """What a teacher cache must have been built for to serve this config."""
+    try:
+        teacher = {"path": cfg.teacher.path, "sha256": model_sha256(cfg.teacher.path)}
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"teacher.path: {err}") from None
+    return {"teacher": teacher, "tokenizer": {"sha256": tokenizer_sha256(data.tokenizer), "size": len(data.tokenizer)},
+            "block_size": data.block_size, "corpus": data.corpus}
+
+
+def cache_teacher(cfg: Config, ctx, out: str | Path, *, dtype: str = DEFAULT_DTYPE, batch_size: int = 8,
+                  data: TextData | None = None) -> Path:
+    """Run the config's teacher once over its train / val / test blocks and store its last hidden states in
+    ``out`` (:func:`pcdistill.lm.teacher_cache.write_teacher_cache`); rank 0 writes, the others wait."""
+    if not cfg.teacher.name:
+        raise ConfigError("cache-teacher needs a teacher: set teacher.name and teacher.path")
+    data = data or text_data(cfg, ctx)
+    identity = _cache_identity(cfg, data)
+    if ctx.is_main:
+        teacher = pretrained("teacher", cfg.teacher.name, cfg.teacher.path, len(data.tokenizer)).to(ctx.device)
+        try:
+            write_teacher_cache(teacher, data.blocks, out, identity=identity, dtype=dtype, batch_size=batch_size)
+        except CacheMismatch as err:
+            raise ConfigError(f"teacher cache: {err}") from None
+    ctx.barrier()
+    return Path(out)
+
+
+def cached_teacher(cfg: Config, ctx, data: TextData) -> CachedTeacher:
+    """The teacher of ``teacher.cache``, checked against the config (built first when the folder has none)."""
+    folder = Path(cfg.teacher.cache)
+    if not (folder / MANIFEST).is_file():
+        if ctx.is_main:
+            print(f"teacher.cache {folder} holds no cache yet: running the teacher once over the "
+                  f"{sum(len(b) for b in data.blocks.values())} blocks of {', '.join(data.blocks)} "
+                  f"(`pcdistill cache-teacher` does this ahead of training)", file=sys.stderr)
+        cache_teacher(cfg, ctx, folder, data=data)
+    try:
+        cache = TeacherCache(folder)
+        cache.check(_cache_identity(cfg, data), data.blocks,
+                    describe={"teacher": "teacher.path", "tokenizer": "data.options.tokenizer or the teacher's",
+                              "block_size": "data.options.block_size"})
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"teacher.cache: {err}") from None
+    return CachedTeacher(cache)
+
+
+def build(cfg: Config, ctx) -> Task:
+    require_lm_extra()
+    check_model_name(cfg.model.name)  # before the corpus and the tokenizer are built
+    data = text_data(cfg, ctx)
+    tokenizer, tokenizer_source, block_size = data.tokenizer, data.tokenizer_source, data.block_size
     tokens = len(tokenizer)
 
     if cfg.model.name == "hf":
         student = pretrained("model", "hf", cfg.model.weights, tokens)
+    elif cfg.model.init:
+        student = layers_init(cfg.model.name, cfg.model.init, tokens)
     else:
         student = random_init(cfg.model.name, cfg.model.options, tokenizer)
     save_tied_once(student)
-    teacher = pretrained("teacher", cfg.teacher.name, cfg.teacher.path, tokens) if cfg.teacher.name else None
+    teacher = None
+    if cfg.teacher.name:
+        teacher = cached_teacher(cfg, ctx, data) if cfg.teacher.cache else \
+            pretrained("teacher", cfg.teacher.name, cfg.teacher.path, tokens)
     vocab = _vocab_size(student) if teacher is None else min(_vocab_size(student), _vocab_size(teacher))
     check_loss_fits(cfg, vocab)
     try:
@@ -281,14 +384,13 @@ def build(cfg: Config, ctx) -> Task:
 
     common = dict(seed=cfg.trainer.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     eval_batch = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
-    train_blocks = _blocks("train", splits.train, tokenizer, block_size, ctx)
+    train_blocks = data.blocks["train"]
     train_loader = TokenBlockLoader(train_blocks, batch_size=cfg.trainer.batch_size, train=True, **common)
     if len(train_loader) == 0:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} leaves no full batch: the train split has "
                           f"{len(train_blocks)} blocks of {block_size} tokens over {ctx.world_size} process(es)")
-    eval_loaders = {split: TokenBlockLoader(_blocks(split, docs, tokenizer, block_size, ctx), batch_size=eval_batch,
-                                            train=False, **common)
-                    for split, docs in (("val", splits.val), ("test", splits.test)) if docs}
+    eval_loaders = {split: TokenBlockLoader(blocks, batch_size=eval_batch, train=False, **common)
+                    for split, blocks in data.blocks.items() if split != "train"}
 
     def evaluate(net: nn.Module, loader) -> dict[str, float]:
         # CE sum, tokens, top-1 agreements, KL(p_t || p_s) sum: sums, so ranks and batches add up exactly
@@ -320,7 +422,8 @@ def build(cfg: Config, ctx) -> Task:
     if ctx.is_main:
         given = cfg.data.options.get("tokenizer")
         origin = "data.options.tokenizer" if given else "the teacher's" if teacher is not None else \
-            f"a byte-level BPE of vocab_size {vocab_size} trained on the train split (cached)"
+            f"a byte-level BPE of vocab_size {cfg.data.options.get('vocab_size', DATA_OPTIONS['vocab_size'])} trained " \
+            f"on the train split (cached)"
         sizes = f"student {_vocab_size(student)}" + (f", teacher {_vocab_size(teacher)}" if teacher else "")
         evals = ", ".join(f"{split} {len(loader.dataset)} blocks" for split, loader in eval_loaders.items())
         print(f"causal_lm: tokenizer {tokenizer_source} ({origin}; {tokens} tokens); vocabulary: {sizes}; train "
@@ -329,6 +432,7 @@ def build(cfg: Config, ctx) -> Task:
               + f"; {evals}", file=sys.stderr, flush=True)
 
     metadata = {"task": "causal_lm", "model": cfg.model.name, "model_options": cfg.model.options,
-                "vocab_size": _vocab_size(student), "dataset": cfg.data.name, "tokenizer": str(tokenizer_source)}
+                "init": cfg.model.init, "vocab_size": _vocab_size(student), "dataset": cfg.data.name,
+                "tokenizer": str(tokenizer_source)}
     return Task(module, student, train_loader, eval_loaders, evaluate, "ppl", metadata,
                 lower_is_better=("ppl", "kl"), export=export)
