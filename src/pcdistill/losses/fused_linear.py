@@ -177,6 +177,8 @@ class _FusedLinearDistill(torch.autograd.Function):
                 chunk_grads = {"distill": g_distill, "ce": g_ce}
             for name, grads in sets.items():
                 _accumulate(grads, chunk_grads[name], h_s[start:stop], w_s, start, stop)
+            # this chunk's gradients, freed before the next chunk's logits exist (else one more logits-sized array)
+            chunk_grads = g = g_distill = g_ce = z = None
         scale = _mean_scale(counted, rows, plan, device)
         distill, ce = distill * scale, ce * scale
         total = distill + plan.ce_weight * ce
