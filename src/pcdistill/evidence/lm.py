@@ -355,7 +355,7 @@ class PretrainedPlan(Suite):
 
 SMOLLM2 = PretrainedRecipe(
     teacher="smollm2-135m", teacher_name="SmolLM2-135M-Instruct", layers=(0, 10, 20, 29), epochs=1,
-    tune_iterations=40, data_options={"block_size": 128, "max_files": 60, "max_chars": 12000, "test_fraction": 0.1})
+    tune_iterations=32, data_options={"block_size": 128, "max_files": 60, "max_chars": 12000, "test_fraction": 0.1})
 SMOLLM2_QUICK = PretrainedRecipe(
     teacher="smollm2-135m", teacher_name="SmolLM2-135M-Instruct", layers=(0, 29), epochs=1, tune_iterations=3,
     val_fraction=0.15, checkpoint_every=0,
