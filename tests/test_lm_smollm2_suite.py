@@ -19,7 +19,7 @@ from scipy import stats
 
 from pcdistill.config import ConfigError, load_config
 from pcdistill.evidence.lm import (CSV_FIELDS, SMOLLM2, SMOLLM2_GROUP, SMOLLM2_QUICK, SMOLLM2_VARIANTS,
-                                   PretrainedPlan, smollm2_plan)
+                                   SmolLM2Plan, smollm2_plan)
 from pcdistill.evidence.pipeline import run_suite
 from tests.gguf_fixtures import tiny_gguf
 
@@ -28,11 +28,11 @@ pytestmark = pytest.mark.slow
 DATA = {"block_size": 32, "max_files": 8, "max_chars": 500, "test_fraction": 0.25}
 
 
-def tiny_plan(file: Path) -> PretrainedPlan:
+def tiny_plan(file: Path) -> SmolLM2Plan:
     """The quick recipe with the tiny teacher (2 layers, vocabulary 300): every method, two seeds."""
     recipe = replace(SMOLLM2_QUICK, teacher=str(file), teacher_name="a tiny llama", layers=(1,), data_options=DATA,
                      val_fraction=0.25, batch_size=4, tune_iterations=2)
-    return PretrainedPlan(recipe, seeds=(0, 1), alpha_grid=(1.0,), variants=list(SMOLLM2_VARIANTS))
+    return SmolLM2Plan(recipe, seeds=(0, 1), alpha_grid=(1.0,), variants=list(SMOLLM2_VARIANTS))
 
 
 @pytest.fixture(scope="module")

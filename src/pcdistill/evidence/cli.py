@@ -37,8 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dataset", default="fashion_mnist_pairs",
                    help="dataset whose students are analysed (default fashion_mnist_pairs)")
     p.set_defaults(func=cmd_analysis)
-    p = what.add_parser("configs", help="write configs/fashion_mnist*, configs/fashion_scenes, configs/lm/{stdlib,smollm2} "
-                                        "from the suites' recipes at the weights they chose on validation")
+    p = what.add_parser("configs", help="write configs/fashion_mnist*, configs/fashion_scenes, "
+                                        "configs/lm/{stdlib,smollm2} from the suites' recipes at the weights they "
+                                        "chose on validation")
     p.add_argument("--out", default="results", help="results folder of the suites (runs.csv, detection.csv, lm.csv)")
     p.add_argument("--configs", default="configs", help="configs folder to write into (default configs/)")
     p.set_defaults(func=cmd_configs)

@@ -139,8 +139,8 @@ def suite_configs(results: Path) -> dict[str, str]:
               "smollm2-135m`),",
               f"its 49,152-token vocabulary and tokenizer; python_stdlib, {data['max_files']} files of at most "
               f"{data['max_chars']} characters, split by file,",
-              f"blocks of {data['block_size']} tokens. Student: the teacher's embeddings, final norm and layers {layers} "
-              "(model.init).",
+              f"blocks of {data['block_size']} tokens. Student: the teacher's embeddings, final norm and layers "
+              f"{layers} (model.init).",
               f"{recipe.epochs} epoch(s), AdamW lr {recipe.lr:g}, batch {recipe.batch_size}; T=1 for every method. The "
               "teacher runs once, into teacher.cache (built by",
               "the first run when missing, or by `pcdistill cache-teacher configs/lm/smollm2/kd.yaml`); every student "

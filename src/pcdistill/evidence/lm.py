@@ -20,6 +20,15 @@ The suite is a :class:`~pcdistill.evidence.pipeline.Suite` (:class:`LMPlan`), ru
 :data:`RECIPES`. Resumable: finished runs are read back, killed ones resumed. The recipe files ``configs/lm/stdlib/*.yaml``
 are :func:`teacher_config` and :func:`student_config` at the chosen weights (``pcdistill bench configs``
 writes them from ``results/lm.csv``; a test checks they match).
+
+``--recipe smollm2`` (:class:`SmolLM2Plan`): a pretrained teacher, SmolLM2-135M-Instruct from its GGUF file
+(``pcdistill fetch smollm2-135m``), run once in ``prepare`` into a teacher cache that every student reads
+(``results/runs/lm_smollm2/teacher-cache``; its own val / test perplexity from it, ``teacher.json``); no
+teacher training. Students of its layers 0, 10, 20, 29: vanilla, KD, reverse KL, JSD and PCD at T=1, each
+weight chosen on val perplexity from {0.25, 1, 4} (a choice at an edge extends the grid once), 3 seeds.
+Files ``lm_smollm2.csv``, ``lm_smollm2.md``, ``lm_smollm2_buckets.md/.png`` (ranks 1, 2-10, 11-100, 101-1000,
+1001+, against the cache) and ``lm_smollm2_environment.json``; ``configs/lm/smollm2/*.yaml`` are
+:func:`pretrained_student_config` at the chosen weights.
 """
 from __future__ import annotations
 
@@ -256,7 +265,7 @@ def teacher_perplexity(teacher, blocks: dict[str, torch.Tensor], batch_size: int
 
 
 @dataclass
-class PretrainedPlan(Suite):
+class SmolLM2Plan(Suite):
     """Students of a pretrained teacher that runs once, into a cache every student reads (``prepare``);
     no teacher training; its own val / test perplexity (from the cache) in the report and the csv."""
 
@@ -342,8 +351,8 @@ class PretrainedPlan(Suite):
                 f"a cache of its last hidden states that every student reads. Students: the teacher's embeddings, "
                 f"final norm, output layer and layers {list(r.layers)} (`model.init`), {r.epochs} epoch(s) of {steps} "
                 f"steps of {r.batch_size} blocks, AdamW lr {r.lr:g}, cosine. Each method's weight was chosen from "
-                f"{list(self.alpha_grid)} x its published weight by the val perplexity of a seed-{self.seeds[0]} run of "
-                f"{r.tune_iterations} steps (a choice at an edge of the grid tunes one weight beyond it, once); T=1 "
+                f"{list(self.alpha_grid)} x its published weight by the val perplexity of a seed-{self.seeds[0]} run "
+                f"of {r.tune_iterations} steps (a choice at an edge of the grid tunes one weight beyond it, once); T=1 "
                 f"for every method. {env['date']}, torch {env['torch']}, {env['cpu']} ({env['cores']} cores); "
                 f"{env['suite_wall_seconds_this_invocation'] / 60:.0f} min of wall time for this invocation.",
                 "",
@@ -362,10 +371,10 @@ SMOLLM2_QUICK = PretrainedRecipe(
     data_options={"block_size": 64, "max_files": 10, "max_chars": 1500, "test_fraction": 0.15})
 
 
-def smollm2_plan(quick: bool = False) -> PretrainedPlan:
+def smollm2_plan(quick: bool = False) -> SmolLM2Plan:
     if not quick:
-        return PretrainedPlan(SMOLLM2)
-    return PretrainedPlan(SMOLLM2_QUICK, seeds=(0,), alpha_grid=(1.0,),
+        return SmolLM2Plan(SMOLLM2)
+    return SmolLM2Plan(SMOLLM2_QUICK, seeds=(0,), alpha_grid=(1.0,),
                           variants=[v for v in SMOLLM2_VARIANTS if v.name in ("vanilla", "kd", "pcd")])
 
 

@@ -167,7 +167,8 @@ def run_suite(plan: Suite, results: str | Path, jobs: int = 2, log=print) -> lis
         teachers = [Job((g, "teacher", None, 0, "teacher"), config, folder / "teacher")
                     for g, folder in folders.items() if (config := plan.teacher_config(g, folder)) is not None]
         beside = [job(g, v, 1.0, s, "final") for g in folders for v in by_cost if v not in tuned for s in plan.seeds]
-        run(teachers + beside, "teachers" + (" and vanilla students" if beside else ""))
+        run(teachers + beside, " and ".join(name for name, jobs in (("teachers", teachers), ("vanilla students", beside))
+                                            if jobs))
         run([job(g, v, a, seed0, "tune") for g in folders for v in tuned for a in grid(v)], f"tuning (seed {seed0})")
         chosen = {(g, v.name): choose(g, v, grid(v)) for g in folders for v in tuned}
         if plan.extend_grid:
