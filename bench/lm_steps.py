@@ -350,8 +350,9 @@ def smollm2_worker(steps: int) -> dict[str, list[float]]:
 def smollm2_projection(seconds: dict[str, float], plan: lm.SmolLM2Plan, data: dict[str, int], jobs: int,
                        cache_built: bool) -> list[tuple[str, int, float]]:
     """(phase, runs, wall seconds) of the suite at ``seconds`` per piece: each phase's runs (seconds of a run:
-    its start, steps, checkpoints, evaluation and export) laid out as the suite's pool does, costliest first
-    to the first free worker; every method's grid extended once (the worst case)."""
+    its start, steps, checkpoints, evaluation and export) laid out as the suite's pool does, the longest first
+    to the first free worker (the pool takes them in cost order: close); every method's grid extended once
+    (the worst case)."""
     recipe = plan.recipe
     steps_per_epoch = data["train"] // recipe.batch_size
     eval_batches = sum(-(-data[split] // recipe.batch_size) for split in ("val", "test"))
@@ -369,8 +370,8 @@ def smollm2_projection(seconds: dict[str, float], plan: lm.SmolLM2Plan, data: di
 
     seeds, final = len(plan.seeds), recipe.epochs * steps_per_epoch
     tuned = [v.name for v in plan.variants if v.method != "vanilla"]
-    phases = [("vanilla finals", [run("vanilla", final)] * seeds),
-              ("tuning", [run(v, recipe.tune_iterations) for v in tuned for _ in plan.alpha_grid]),
+    phases = [("vanilla finals and tuning", [run("vanilla", final)] * seeds
+               + [run(v, recipe.tune_iterations) for v in tuned for _ in plan.alpha_grid]),
               ("tuning beyond the grid (every method)", [run(v, recipe.tune_iterations) for v in tuned]),
               ("finals", [run(v, final) for v in tuned for _ in plan.seeds]),
               # the bucket pass loads each final student from its export (about as long as writing it)

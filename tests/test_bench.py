@@ -107,10 +107,10 @@ def test_lm_steps_smollm2_projection_lays_out_every_run_of_the_suite():
         return {name: (runs, wall) for name, runs, wall in
                 bench.smollm2_projection(zero | seconds, plan, data, jobs=2, cache_built=cache_built)}
     starts = phases({"start": 1.0})  # one second a run: ceil(runs / 2) on two workers
-    assert list(starts.values())[1:] == [(3, 2.0), (12, 6.0), (4, 2.0), (12, 6.0), (15, 0.0)]
+    assert list(starts.values())[1:] == [(3 + 12, 8.0), (4, 2.0), (12, 6.0), (15, 0.0)]
     assert plan.recipe.epochs == 1
-    timed = phases({"vanilla": 1.0, "pcd": 10.0, "eval": 100.0})
-    assert timed["vanilla finals"] == (3, 2 * (10 + 500))  # 10 steps and 5 eval batches a run; one worker runs 2
+    assert phases({"vanilla": 1.0})["vanilla finals and tuning"] == (15, 20.0)  # 3 epochs of 10 steps: 2 + 1
+    timed = phases({"pcd": 10.0, "eval": 100.0})  # 5 eval batches a run
     # finals: 3 PCD runs of 600 s, 9 of 500 s (KD, RKL, JSD steps cost 0 here), costliest first to the first
     # free worker: 600 600 | 600 to the first, then the 500s alternate: 3200 and 3100
     assert timed["finals"] == (12, 3200.0)
