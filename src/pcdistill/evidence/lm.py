@@ -307,7 +307,7 @@ class SmolLM2Plan(Suite):
         try:
             resolve(self.recipe.teacher)
         except FileNotFoundError as err:
-            raise ConfigError(f"the suite's teacher: {err}") from None
+            raise ConfigError(f"the suite needs its teacher first: {err}") from None
         cfg = from_dict(self.student_config(group, folder, self.variants[0], self.seeds[0], 1.0, False))
         ctx = Context(0, 1, 0, torch.device("cpu"))
         data = text_data(cfg, ctx)
