@@ -94,3 +94,40 @@ def test_lm_steps_teacher_cache_rows_time_every_kind(capsys, monkeypatch):
     out = capsys.readouterr().out
     for kind in bench.CACHE_KINDS:
         assert f"| {kind} | " in out
+
+
+def test_lm_steps_smollm2_projection_lays_out_every_run_of_the_suite():
+    bench = load("lm_steps")
+    from pcdistill.evidence import lm
+    plan = lm.smollm2_plan()  # vanilla x 3 seeds; 4 methods x (3 tuning + 1 beyond the grid + 3 finals)
+    zero = dict.fromkeys(bench.SMOLLM2_KINDS, 0.0)
+    data = {"train": 80, "val": 16, "test": 24}  # 10 steps an epoch at batch 8; 2 + 3 eval batches a run
+
+    def phases(seconds: dict, cache_built: bool = True) -> dict[str, tuple[int, float]]:
+        return {name: (runs, wall) for name, runs, wall in
+                bench.smollm2_projection(zero | seconds, plan, data, jobs=2, cache_built=cache_built)}
+    starts = phases({"start": 1.0})  # one second a run: ceil(runs / 2) on two workers
+    assert list(starts.values())[1:] == [(3 + 12, 8.0), (4, 2.0), (12, 6.0), (15, 0.0)]
+    assert plan.recipe.epochs == 1
+    assert phases({"vanilla": 1.0})["vanilla finals and tuning"] == (15, 20.0)  # 3 epochs of 10 steps: 2 + 1
+    timed = phases({"pcd": 10.0, "eval": 100.0})  # 5 eval batches a run
+    # finals: 3 PCD runs of 600 s, 9 of 500 s (KD, RKL, JSD steps cost 0 here), costliest first to the first
+    # free worker: 600 600 | 600 to the first, then the 500s alternate: 3200 and 3100
+    assert timed["finals"] == (12, 3200.0)
+    building = phases({"teacher forward": 1.0}, cache_built=False)
+    assert list(building.values())[0] == (0, 15.0)  # ceil(120 blocks / 8) teacher batches
+
+
+def test_lm_steps_smollm2_worker_times_every_piece(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from pcdistill.evidence import lm
+    from tests.gguf_fixtures import tiny_gguf
+    bench = load("lm_steps")
+    file, _, _ = tiny_gguf(tmp_path)
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 300}
+    monkeypatch.setattr(bench, "SMOLLM2", bench.SMOLLM2 | tiny)
+    monkeypatch.setattr(lm, "SMOLLM2", replace(lm.SMOLLM2, teacher=str(file), layers=(1,)))
+    seconds = bench.smollm2_worker(steps=1)
+    assert sorted(seconds) == sorted(bench.SMOLLM2_KINDS) and all(v >= 0 for t in seconds.values() for v in t)

@@ -115,7 +115,9 @@ def test_a_recipe_without_a_teacher_to_train(batches, tmp_path):
     plan.teacher_config = lambda group, folder: None  # e.g. a pretrained teacher, fetched in prepare
     plan.compare = ("mid", ("vanilla",))
     rows = run_suite(plan, tmp_path, log=lambda *_: None)
-    assert [r[0] for r in batches[0][1]] == ["vanilla", "vanilla"]
+    # no teacher phase: the vanilla students (finals, the longer runs, first) run beside the tuning runs
+    assert [label for label, _ in batches] == ["vanilla students and tuning (seed 0)", "final seeds"]
+    assert [(r[0], r[3]) for r in batches[0][1]] == [("vanilla", False)] * 2 + [("mid", True)] * 3
     assert "teacher" not in {r["phase"] for r in rows}
 
 

@@ -28,15 +28,18 @@ def add_parser(sub) -> None:
                                   "chosen on val perplexity; resumable",
                       "a smoke run with tiny models (under 3 minutes)")
     p.add_argument("--recipe", default="stdlib",
-                   help="which suite: stdlib (default: python_stdlib, a teacher trained here)")
+                   help="which suite: stdlib (default: python_stdlib, a teacher trained here) or smollm2 (students "
+                        "of SmolLM2-135M from its GGUF file, cached once: run `pcdistill fetch smollm2-135m` first; "
+                        "lm_smollm2.md)")
     p.set_defaults(func=cmd_lm)
     p = what.add_parser("analysis", help="teacher-student gap by teacher rank for the suite's students")
     p.add_argument("--out", default="results", help="results folder of a finished suite")
     p.add_argument("--dataset", default="fashion_mnist_pairs",
                    help="dataset whose students are analysed (default fashion_mnist_pairs)")
     p.set_defaults(func=cmd_analysis)
-    p = what.add_parser("configs", help="write configs/fashion_mnist*, configs/fashion_scenes, configs/lm/stdlib "
-                                        "from the suites' recipes at the weights they chose on validation")
+    p = what.add_parser("configs", help="write configs/fashion_mnist*, configs/fashion_scenes, "
+                                        "configs/lm/{stdlib,smollm2} from the suites' recipes at the weights they "
+                                        "chose on validation")
     p.add_argument("--out", default="results", help="results folder of the suites (runs.csv, detection.csv, lm.csv)")
     p.add_argument("--configs", default="configs", help="configs folder to write into (default configs/)")
     p.set_defaults(func=cmd_configs)

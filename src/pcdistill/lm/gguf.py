@@ -11,6 +11,7 @@ a :class:`GGUFError` that names the architecture or the type and the file.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 SUFFIX = ".gguf"
@@ -120,14 +121,27 @@ def load_gguf_model(file: str | Path):
 
 
 def load_gguf_tokenizer(file: str | Path):
-    """The tokenizer that transformers rebuilds from ``file``'s metadata (``tokenizer.ggml.*``), local only."""
+    """The tokenizer that transformers rebuilds from ``file``'s metadata (``tokenizer.ggml.*``), local only.
+
+    Rebuilding it parses the whole file (6 s for SmolLM2's 49,152 tokens and merges) and a run asks for it
+    twice (``data.options.tokenizer`` and the teacher's), so a process keeps it per file, size and
+    modification time and returns a copy (0.1 s)."""
+    import copy
+
+    file = Path(file).resolve()
+    stat = file.stat()
+    return copy.deepcopy(_gguf_tokenizer(str(file), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(file: str, size: int, mtime_ns: int):
     import transformers
 
-    file = Path(file)
+    path = Path(file)
     _require_gguf()
     try:
-        return transformers.AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name,
+        return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
                                                           local_files_only=True)
     except Exception as err:
-        raise _refuse(file, diagnose(file) or "transformers could not rebuild its tokenizer (tokenizer.ggml.* "
+        raise _refuse(path, diagnose(path) or "transformers could not rebuild its tokenizer (tokenizer.ggml.* "
                       "metadata)", err) from err
