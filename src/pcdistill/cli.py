@@ -71,8 +71,15 @@ def cmd_train(args) -> int:
 
 def check_teacher_exists(cfg, config: str | Path) -> None:
     """A missing teacher named with the command that trains it (the config folder's teacher.yaml, if any)."""
+    from pcdistill.lm.fetch import is_fetchable, resolve
     key, value = ("teacher.path", cfg.teacher.path) if cfg.teacher.path else ("teacher.weights", cfg.teacher.weights)
     if not cfg.teacher.name or not value or Path(value).expanduser().exists():
+        return
+    if is_fetchable(value):  # a fetched teacher's name (smollm2-135m): its file must be there and intact
+        try:
+            resolve(value)
+        except FileNotFoundError as error:
+            raise ConfigError(f"{key} {value!r}: {error}") from None
         return
     run = Path(value).parent if Path(value).name == "model.safetensors" else Path(value)
     teacher_config = Path(config).parent / "teacher.yaml"
