@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from ._common import STD_EPS, masked_standardize, prepare_rows
+from ._common import (REDUCTIONS, STD_EPS, check_choice, check_class_mask, check_valid, compute_dtype, flat_rows,
+                      masked_standardize, prepare_rows)
 
 DEFAULT_BUDGET_MIB = int(os.environ.get("PCDISTILL_MEMORY_BUDGET_MIB", "128"))
 _budget_bytes = DEFAULT_BUDGET_MIB * 2**20
@@ -182,3 +183,16 @@ def reduced_row_losses(student: torch.Tensor, teacher: torch.Tensor, spec: RowSp
     """The loss of ``spec`` on ``(N, C)`` logits reduced as ``reduce_rows`` does (``"none"``: the leading shape)."""
     out = RowLoss.apply(student, teacher, spec, dtype, valid, class_mask, reduction, *extra)  # teacher: flat_rows detached it
     return out.reshape(leading) if reduction == "none" else out
+
+
+def spec_loss(spec: RowSpec, student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, reduction: str,
+              valid=None, class_mask=None) -> torch.Tensor:
+    """The public loss of ``spec`` on ``(..., C)`` logits that passed ``check_logits``: ``reduction``, ``valid``
+    and ``class_mask`` checked, the rows flattened, chunked and reduced (:func:`reduced_row_losses`)."""
+    check_choice("reduction", reduction, REDUCTIONS)
+    leading = student_logits.shape[:-1]
+    mask = check_valid(valid, leading, student_logits.device)
+    classes = check_class_mask(class_mask, student_logits.shape[-1], student_logits.device)
+    s, t = flat_rows(student_logits, teacher_logits)
+    return reduced_row_losses(s, t, spec, dtype=compute_dtype(s, t), reduction=reduction, leading=leading, valid=mask,
+                              class_mask=classes)

@@ -5,10 +5,9 @@ import math
 
 import torch
 
-from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_class_mask, check_logits,
-                      check_positive_finite, check_real, check_valid, compute_dtype, flat_rows, log_softmax_rows,
-                      reduce_rows, xlogy_diff)
-from ._rows import RowSpec, row_losses
+from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_logits, check_positive_finite, check_real,
+                      log_softmax_rows, xlogy_diff)
+from ._rows import RowSpec, spec_loss
 from .kd import kd_rows
 from .rkl import rkl_rows
 
@@ -90,15 +89,9 @@ def jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, beta
     Never an exception for these. Half-precision inputs are computed in float32; rows are processed in
     chunks under :func:`pcdistill.losses.set_memory_budget`.
     """
-    num_classes = check_logits(student_logits, teacher_logits)
+    check_logits(student_logits, teacher_logits)
     spec = jsd_row_spec(beta=beta, temperature=temperature, standardize=standardize)
-    check_choice("reduction", reduction, REDUCTIONS)
-    leading = student_logits.shape[:-1]
-    mask = check_valid(valid, leading, student_logits.device)
-    classes = check_class_mask(class_mask, num_classes, student_logits.device)
-    s, t = flat_rows(student_logits, teacher_logits)
-    row = row_losses(s, t, spec, dtype=compute_dtype(s, t), valid=mask, class_mask=classes)
-    return reduce_rows(row, mask, reduction, leading)
+    return spec_loss(spec, student_logits, teacher_logits, reduction=reduction, valid=valid, class_mask=class_mask)
 
 
 class JSDLoss(LossModule):

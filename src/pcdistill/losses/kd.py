@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_class_mask, check_logits,
-                      check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows)
-from ._rows import RowSpec, reduced_row_losses
+from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_logits, check_positive_finite,
+                      log_softmax_rows)
+from ._rows import RowSpec, spec_loss
 
 
 def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
@@ -49,15 +49,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tempe
     ``-inf`` in the teacher only contributes 0, ``-inf`` in the student only gives ``+inf``, NaN gives NaN.
     Rows are processed in chunks under :func:`pcdistill.losses.set_memory_budget`.
     """
-    num_classes = check_logits(student_logits, teacher_logits)
+    check_logits(student_logits, teacher_logits)
     spec = kd_row_spec(temperature=temperature, standardize=standardize)
-    check_choice("reduction", reduction, REDUCTIONS)
-    leading = student_logits.shape[:-1]
-    mask = check_valid(valid, leading, student_logits.device)
-    classes = check_class_mask(class_mask, num_classes, student_logits.device)
-    s, t = flat_rows(student_logits, teacher_logits)
-    return reduced_row_losses(s, t, spec, dtype=compute_dtype(s, t), reduction=reduction, leading=leading, valid=mask,
-                              class_mask=classes)
+    return spec_loss(spec, student_logits, teacher_logits, reduction=reduction, valid=valid, class_mask=class_mask)
 
 
 class KDLoss(LossModule):
