@@ -440,6 +440,84 @@ def test_selection_groups_classes_as_the_stable_sort():
             assert sorted(order[r, a:b].tolist()) == sorted(want[r, a:b].tolist()), (r, a, b)
 
 
+def test_thresholds_put_each_class_in_the_stable_sort_atom():
+    """``_pcd_select``: a class's atom from the cut keys (and, where a key ties across a cut, the tie index)
+    is the one the stable descending sort (ties to the lower class index) gives: float32 keys with many ties,
+    -0.0, absent classes (their own live counts) and rows long enough for numpy's SIMD partition."""
+    from pcdistill.losses import _pcd_select as select
+    g = torch.Generator().manual_seed(5)
+    for classes, dtype in ((50000, torch.float32), (257, torch.float64)):
+        key = torch.randint(-40, 40, (6, classes), generator=g).to(dtype)
+        key[key == 0] = torch.where(torch.rand(int((key == 0).sum()), generator=g) < 0.5, -0.0, 0.0).to(dtype)
+        key[0] = torch.randn(classes, generator=g, dtype=dtype)  # distinct keys: no tie anywhere
+        key[2:4][torch.rand(2, classes, generator=g) < 0.3] = NEG
+        key[4, 2:] = NEG  # fewer live classes than groups
+        n = (key > NEG).sum(-1)
+        ints = kernel.sortable(key)
+        cuts = kernel.atom_cuts(n, [2, 3, 5], classes)
+        w = select.cut_keys(ints, cuts)
+        tie = select._tie_index(ints, cuts[:, :-1], w)
+        atom = select.atom_of(ints, w, tie, select._dead_key(ints.dtype))
+        order = torch.sort(ints, dim=-1, descending=True, stable=True).indices
+        for r in range(len(key)):
+            bounds = [0] + cuts[r].tolist()
+            for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+                assert (atom[r, order[r, a:b]] == k).all(), (classes, r, k)
+            assert (atom[r, order[r, n[r]:]] == cuts.shape[1]).all()  # absent classes: the dump
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_threshold_rows_agree_with_the_sort_rows(monkeypatch, compiled):
+    """``_pcd_select.pcd_rows_select`` (thresholds; eager, and compiled as the CPU default runs it on large
+    chunks) against ``_pcd_rows.pcd_rows`` (sort, scatters): every rule and option, ties across the cuts."""
+    from pcdistill.losses import _pcd_select as select
+    monkeypatch.setattr(select, "COMPILED", compiled)
+    cases = [("abs_diff", True, "log_prob_cos", torch.float32), ("teacher", True, "prob_cos", torch.float32),
+             ("none", False, "log_prob_cos", torch.float32)]
+    if not compiled:  # each case is a compilation: the eager passes run the same functions over everything
+        cases += [("abs_diff", True, "prob_cos", torch.float64), ("teacher", False, "log_prob_cos", torch.float64)]
+    for C, groups in ((300, [1, 2, 3]),) if compiled else ((37, [1, 2, 3]), (300, [1, 2, 3]), (9, [5])):
+        s64, t64 = special_rows(C, C)
+        s64[0, : C // 2] = t64[0, : C // 2] = 1.0  # one key for half the classes: ties across every cut
+        for rank_by, adaptive, weight, dtype in cases:
+            s, t = s64.to(dtype), t64.to(dtype)
+            for rows in (slice(None), slice(0, 2)):  # masked rows, and rows that all share one layout
+                args = (s[rows], t[rows], groups, 2.0, 3.0, adaptive, rank_by, True, weight)
+                want, g_want = kernel.pcd_rows(*args)
+                got, g_got = select.pcd_rows_select(*args)
+                tol = dict(rtol=1e-11, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-5)
+                torch.testing.assert_close(got, want, equal_nan=True, **tol)
+                torch.testing.assert_close(g_got, g_want, equal_nan=True, **tol)
+    got = select.pcd_rows_select(s, t, [1, 2], 2.0, 3.0, True, "abs_diff", False)
+    assert got[1] is None and got[0].isposinf()[5] and got[0][6:].isnan().all()
+
+
+def test_large_chunks_take_the_threshold_rows(monkeypatch):
+    """The CPU default sends a chunk with enough logits and few cuts to the threshold rows, the rest to the
+    tiles; a compilation failure (no C++ compiler) leaves the tiles, with a warning."""
+    from pcdistill.losses import _pcd_cpu
+    from pcdistill.losses import _pcd_select as select
+    monkeypatch.setattr(select, "COMPILED", True)  # restored after the test, whatever the failure below sets
+    calls = []
+    monkeypatch.setattr(select, "pcd_rows_select", lambda *a: calls.append(a[0].shape) or (None, None))
+    big = torch.zeros(2, select.MIN_LOGITS // 2)
+    _pcd_cpu.pcd_rows_cpu(big, big, [1, 2, 3], 2.0, 4.0, True, "abs_diff", True)
+    assert calls == [big.shape]
+    small = torch.zeros(2, 100)
+    assert _pcd_cpu.pcd_rows_cpu(small, small, [1, 2, 3], 2.0, 4.0, True, "abs_diff", True)[0] is not None
+    assert _pcd_cpu.pcd_rows_cpu(big, big, list(range(1, 7)), 2.0, 4.0, True, "abs_diff", True)[0] is not None
+    assert len(calls) == 1  # K = 6: 15 cuts, the tiles
+
+    def no_compiler(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(no_compiler, RuntimeError("no C++ compiler"), None)
+
+    monkeypatch.setattr(select, "pcd_rows_select", no_compiler)
+    with pytest.warns(RuntimeWarning, match="using the tiles"):
+        loss, _ = _pcd_cpu.pcd_rows_cpu(big, big, [1, 2, 3], 2.0, 4.0, True, "abs_diff", True)
+    assert loss is not None and not select.COMPILED  # monkeypatch restores the flag after the test
+    assert not select.usable(2, select.MIN_LOGITS // 2, [1, 2, 3])
+
+
 def test_stages_combined_in_blocks_give_the_same_result(monkeypatch):
     s, t = special_rows(20, 1)
     args = (s, t, [1, 2, 3, 4, 5], 2.0, 4.0, True, "abs_diff", True)
@@ -454,13 +532,13 @@ def test_backend_choice():
     """CPU: selection and tiles by default; the plain-torch rows when asked, and for the Triton backend's
     weight="prob_cos" (the kernel sums what the default weight needs only). Never Triton unless asked."""
     cpu = torch.device("cpu")
-    assert pcd_module._row_function(cpu, 10, [1, 2, 3], True, "log_prob_cos")[0].__name__ == "cpu_rows"
+    assert pcd_module._row_spec(cpu, 10, [1, 2, 3], True, "log_prob_cos")[0].__name__ == "cpu_rows"
     try:
         losses.set_pcd_backend("torch")
-        assert pcd_module._row_function(cpu, 10, [1, 2, 3], True, "log_prob_cos")[0] is kernel.pcd_rows
+        assert pcd_module._row_spec(cpu, 10, [1, 2, 3], True, "log_prob_cos")[0] is kernel.pcd_rows
         losses.set_pcd_backend("triton")
-        assert pcd_module._row_function(cpu, 10, [1, 2, 3], True, "prob_cos")[0] is kernel.pcd_rows
-        assert pcd_module._row_function(cpu, 4, [1, 2, 3, 4], True, "log_prob_cos")[0] is kernel.pcd_rows
+        assert pcd_module._row_spec(cpu, 10, [1, 2, 3], True, "prob_cos")[0] is kernel.pcd_rows
+        assert pcd_module._row_spec(cpu, 4, [1, 2, 3, 4], True, "log_prob_cos")[0] is kernel.pcd_rows
     finally:
         losses.set_pcd_backend("auto")
     with pytest.raises(ValueError, match="weight"):

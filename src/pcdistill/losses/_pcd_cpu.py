@@ -1,5 +1,9 @@
 """PCD's per-row computation on the CPU: a selection instead of a sort, and atoms laid out as tiles.
 
+A chunk large enough for compiled passes to pay, with few cuts (K <= 5), goes to ``_pcd_select`` instead
+(thresholds; three compiled passes); these tiles take small chunks, K near C, and any run where compiling
+fails.
+
 The same atoms, sums and closed-form gradient as ``_pcd_rows`` (read its docstring first); two steps differ.
 
 1. *Selection.* Only the atoms' boundaries are needed, not the order of every class. Each class gets one
@@ -16,7 +20,7 @@ The same atoms, sums and closed-form gradient as ``_pcd_rows`` (read its docstri
    per-class scatter or gather, except the one that puts the gradient back in class order.
 
 The layout depends only on the rows' live-class counts, so for rows without masks it is computed once per
-shape and kept (:func:`_shared_plan`). The whole computation is the custom op ``pcdistill::pcd_rows``:
+shape and kept (:func:`_shared_plan`). Both ways are the custom op ``pcdistill::pcd_rows``:
 inside, shapes depend on the data, which ``torch.compile`` cannot trace, so a compiled graph holds the op as
 one node (its fake implementation gives the output shapes). ``pcd.py`` uses it on the CPU; CUDA keeps the
 traceable ``_pcd_rows``.
@@ -25,13 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import sys
+import warnings
 
 import numpy as np
 import torch
 
-from ._pcd_rows import Atoms, atom_cuts, atom_layout, combine_atoms, finish_loss, priority_key, sortable
+from . import _pcd_select
+from ._pcd_rows import Atoms, atom_cuts, atom_layout, combine_atoms, finish_loss
+from ._pcd_select import row_state
 
 WORK_ARRAYS = 20  # (rows, C)-sized arrays alive at once, in units of the compute dtype (int64 counts twice)
 
@@ -113,35 +119,26 @@ def _class_index(num_classes: int) -> torch.Tensor:
     return torch.arange(num_classes, dtype=torch.int32)
 
 
-def _row_state(s: torch.Tensor, t: torch.Tensor, rank_by: str):
-    """Live-class counts, the NaN and +inf row flags (all None when every value is finite) and the integer key."""
-    rows, num_classes = s.shape
-    sum_s, sum_t = s.sum(-1, keepdim=True), t.sum(-1, keepdim=True)
-    if math.isfinite((sum_s + sum_t).sum()):  # no inf, no NaN: every class is live (n = None)
-        n = None
-        if rank_by == "abs_diff":  # as priority_key rounds it; >= 0, so its float bits are in order already
-            key = (t - sum_t / num_classes).sub_(s - sum_s / num_classes).abs_()
-            return n, None, None, key.view(torch.int32) if key.dtype == torch.float32 else sortable(key)
-        key = t if rank_by == "teacher" else -torch.arange(num_classes, dtype=s.dtype).expand_as(s)
-        return n, None, None, sortable(key)
-    s_inf, t_inf = torch.isneginf(s), torch.isneginf(t)
-    live = ~(s_inf & t_inf)
-    inf_row = (live & s_inf & ~t_inf).any(-1)  # the student rules out a class the teacher keeps: loss +inf
-    nan_row = (torch.isnan(s) | torch.isposinf(s) | torch.isnan(t) | torch.isposinf(t)).any(-1)
-    return live.sum(-1), nan_row, inf_row, sortable(priority_key(s, t, live, rank_by))
-
-
 def _to_tiles(z: torch.Tensor, index: torch.Tensor, pad: torch.Tensor, temperature: float) -> torch.Tensor:
     return z.gather(1, index).view(z.shape[0], *pad.shape[1:]).masked_fill_(pad, float("-inf")).div_(temperature)
 
 
 def pcd_rows_cpu(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: float, temperature: float,
                  adaptive: bool, rank_by: str, want_grad: bool, weight: str = "log_prob_cos"):
-    """``_pcd_rows.pcd_rows``'s loss and gradient, by selection and tiles (CPU tensors)."""
+    """``_pcd_rows.pcd_rows``'s loss and gradient: by thresholds and compiled passes (``_pcd_select``) for a large
+    chunk, else by selection and tiles (CPU tensors)."""
     rows, num_classes = s.shape
     if rows == 0:
         return s.new_zeros(0), s.new_zeros(0, num_classes) if want_grad else None
-    n, nan_row, inf_row, key = _row_state(s, t, rank_by)
+    if _pcd_select.usable(rows, num_classes, stage_groups):
+        try:
+            return _pcd_select.pcd_rows_select(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad,
+                                               weight)
+        except torch._dynamo.exc.BackendCompilerFailed as error:  # e.g. no C++ compiler: the tiles from now on
+            _pcd_select.COMPILED = False
+            warnings.warn(f"pcdistill: PCD's compiled CPU passes are unavailable ({error}); using the tiles",
+                          RuntimeWarning, stacklevel=2)
+    n, nan_row, inf_row, key = row_state(s, t, rank_by)
     shared = n is None or bool((n == n[0]).all())
     plan = (_shared_plan(num_classes if n is None else int(n[0]), num_classes, tuple(stage_groups)) if shared
             else _plan(n, num_classes, tuple(stage_groups)))

@@ -58,12 +58,12 @@ def memory_budget(mib: float):
 SPEED_CHUNK = 2**19  # logits per chunk at most, whatever the budget: larger chunks only add page faults
 
 
-def chunk_rows(rows: int, num_classes: int, dtype: torch.dtype, work_arrays: int) -> int:
+def chunk_rows(rows: int, num_classes: int, dtype: torch.dtype, work_arrays: int, most: int = SPEED_CHUNK) -> int:
     """Rows per chunk so that ``work_arrays`` row-sized arrays of ``dtype`` fit the budget (at least 1), and
-    a chunk holds at most ``SPEED_CHUNK`` logits (freed and reallocated work arrays of a few MiB stay with the
+    a chunk holds at most ``most`` logits (freed and reallocated work arrays of a few MiB stay with the
     process's allocator; arrays of hundreds of MiB go back to the OS and come back as page faults)."""
     per_row = num_classes * dtype.itemsize * work_arrays
-    return max(1, min(rows, _budget_bytes // max(per_row, 1), SPEED_CHUNK // max(num_classes, 1)))
+    return max(1, min(rows, _budget_bytes // max(per_row, 1), most // max(num_classes, 1)))
 
 
 # A row function: (s, t, extra, want_grad) -> (row_loss (R,), d row_loss / d s (R, C) or None),
@@ -104,6 +104,7 @@ class RowSpec:
     fn: RowFn
     work_arrays: int
     standardize: bool = False
+    chunk_logits: int = SPEED_CHUNK  # at most, per chunk: more for a row function whose calls cost more than its passes
 
 
 def _chunk(spec: RowSpec, student, teacher, valid, class_mask, dtype, extra, want_grad):
@@ -124,7 +125,7 @@ def rows_and_grads(student, teacher, spec: RowSpec, dtype: torch.dtype, valid=No
     """``(N,)`` row losses of ``spec`` on ``(N, C)`` logits and, with ``want_grad``, each row loss's gradient
     w.r.t. its student row (``(N, C)``, in the student's dtype; zero on invalid rows), chunk by chunk."""
     rows, num_classes = student.shape
-    step = chunk_rows(rows, num_classes, dtype, spec.work_arrays)
+    step = chunk_rows(rows, num_classes, dtype, spec.work_arrays, spec.chunk_logits)
     if 0 < rows <= step:  # one chunk: its results are the outputs
         loss, g = _chunk(spec, student, teacher, valid, class_mask, dtype, extra, want_grad)
         if want_grad and g.dtype != student.dtype:

@@ -17,7 +17,7 @@ from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_cl
                       check_positive_finite, check_valid, compute_dtype, flat_rows, log_softmax_rows,
                       masked_standardize, reduce_rows, xlogy_diff)
 from ._pcd_rows import COS_EPS, WEIGHTS, WORK_ARRAYS, pcd_rows
-from ._rows import RowSpec, prepared_chunks, reduced_row_losses, standardize_backward
+from ._rows import SPEED_CHUNK, RowSpec, prepared_chunks, reduced_row_losses, standardize_backward
 
 SCHEDULES = ("joint", "curriculum")
 RANK_BY = ("abs_diff", "teacher", "none")
@@ -121,7 +121,8 @@ _backend = os.environ.get("PCDISTILL_PCD_BACKEND", "auto")
 def set_pcd_backend(name: str) -> None:
     """PCD's per-row computation.
 
-    ``"auto"`` (default): on the CPU the selection-and-tiles rows of ``_pcd_cpu`` (a custom op), elsewhere the
+    ``"auto"`` (default): on the CPU the rows of ``_pcd_cpu`` (a custom op: selection and tiles; for large chunks
+    thresholds and passes compiled by ``torch.compile`` on first use, see ``_pcd_select``), elsewhere the
     plain-torch rows of ``_pcd_rows`` (one stable sort; traceable, no host sync). ``"torch"``: the plain-torch
     rows everywhere. ``"triton"``: the Triton kernel of ``_pcd_triton`` (tested under ``TRITON_INTERPRET=1``
     only, not yet on a GPU: ``bench/gpu.sh`` runs that check); for ``weight="prob_cos"`` and for ``K`` near
@@ -132,14 +133,15 @@ def set_pcd_backend(name: str) -> None:
     _backend = name
 
 
-def _row_function(device: torch.device, num_classes: int, stage_groups: list[int], adaptive: bool, weight: str):
-    """The row function for the current backend and its work arrays (see :func:`set_pcd_backend`)."""
+def _row_spec(device: torch.device, num_classes: int, stage_groups: list[int], adaptive: bool, weight: str):
+    """The row function for the current backend, its work arrays and its largest chunk (see :func:`set_pcd_backend`)."""
     if _backend == "triton":
         few_atoms = sum(g - 1 for g in set(stage_groups)) < num_classes  # else rank positions as atoms
         if few_atoms and not (adaptive and weight == "prob_cos"):
             from ._pcd_triton import pcd_rows_triton
-            return pcd_rows_triton, WORK_ARRAYS
+            return pcd_rows_triton, WORK_ARRAYS, SPEED_CHUNK
     elif _backend == "auto" and device.type == "cpu":
+        from . import _pcd_select
         from ._pcd_cpu import WORK_ARRAYS as CPU_WORK_ARRAYS
         from ._pcd_cpu import pcd_rows_cpu, pcd_rows_op
 
@@ -149,8 +151,10 @@ def _row_function(device: torch.device, num_classes: int, stage_groups: list[int
             loss, grad = pcd_rows_op(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
             return loss, grad if want_grad else None
 
-        return cpu_rows, CPU_WORK_ARRAYS
-    return pcd_rows, WORK_ARRAYS
+        if _pcd_select.usable(_pcd_select.MIN_LOGITS, num_classes, stage_groups):  # large chunks: fewer arrays
+            return cpu_rows, _pcd_select.WORK_ARRAYS, _pcd_select.CHUNK_LOGITS
+        return cpu_rows, CPU_WORK_ARRAYS, SPEED_CHUNK
+    return pcd_rows, WORK_ARRAYS, SPEED_CHUNK
 
 
 def _check_stages(stages, num_classes: int) -> int:
@@ -198,12 +202,12 @@ def pcd_row_spec(num_classes: int, device: torch.device, *, temperature: float =
     stages, temperature, progress = _check_all(num_classes, temperature, stages, schedule, progress, rank_by,
                                                adaptive, standardize, "paper", weight)
     stage_groups, factor = stage_sequence(stages, schedule, progress)
-    fn, work_arrays = _row_function(torch.device(device), num_classes, stage_groups, adaptive, weight)
+    fn, work_arrays, chunk_logits = _row_spec(torch.device(device), num_classes, stage_groups, adaptive, weight)
 
     def rows(s, t, extra, want_grad):
         return fn(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
 
-    return RowSpec(rows, work_arrays=work_arrays, standardize=standardize)
+    return RowSpec(rows, work_arrays=work_arrays, standardize=standardize, chunk_logits=chunk_logits)
 
 
 def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 4.0,
