@@ -3,7 +3,8 @@
 Per shape and method:
 * time: rounds that alternate KD and the method only (after warm-up), so no method pays for
   another's aftermath; the ratio X/KD is the ratio of the two medians of those rounds;
-* peak extra memory: one forward+backward in a fresh subprocess (CPU: peak RSS growth, read from
+* peak extra memory: one forward+backward in a fresh subprocess, after a first one at the same shape
+  (lazy initialisation: threads, PCD's compiled CPU passes) (CPU: peak RSS growth, read from
   /proc/self/status after resetting the high-water mark; CUDA: ``max_memory_allocated`` growth),
   beside the torch profiler's view (which misses workspaces and numpy arrays), and what is still held
   after the call once the loss and the gradient are freed;
@@ -183,10 +184,9 @@ def probe(method: str, shape: str, device_name: str) -> dict:
     device = torch.device(device_name)
     rows, classes, dtype = parse_shape(shape)
     fn = METHODS[method]
-    small = inputs(4, classes, dtype, device)
-    step(fn, *small)  # lazy initialisation (threads, kernels) is not the loss's memory
-    del small
     s, t, y = inputs(rows, classes, dtype, device)
+    step(fn, s, t, y)  # lazy initialisation (threads, kernels, PCD's compiled CPU passes) is not a call's memory
+    s.grad = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()

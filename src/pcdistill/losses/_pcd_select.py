@@ -30,7 +30,7 @@ from ._pcd_rows import atom_cuts, atom_layout, combine_atoms, finish_loss, prior
 
 MAX_CUTS = 10  # interior cuts (K = 5 has 10): more, and the per-class compares outweigh what the passes save
 MIN_LOGITS = 2**16  # in a chunk: below, the compiled calls' overhead outweighs their speed
-CHUNK_LOGITS = 2**20
+CHUNK_LOGITS = 2**21
 WORK_ARRAYS = 6  # (rows, C)-sized arrays alive at once: the two inputs, the key, its partitioned copy, the gradient
 COMPILED = True  # False: the same passes in eager torch (tests of the logic without compiling)
 
