@@ -42,6 +42,15 @@ def test_loss_bench_prints_every_method(capsys):
         assert f"| 4x12:fp32 | {name} |" in out
 
 
+def test_pcd_first_call_reports_both_calls():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(BENCH / "pcd_first_call.py"), "--shape", "4x50"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "first call:" in out.stdout and "second call:" in out.stdout and "MiB" in out.stdout
+
+
 def test_lm_bench_runs_every_method_and_its_fused_value_equals_unfused(capsys, monkeypatch):
     bench = load("lm_loss")
     assert bench.main(["--quick", "--shapes", "6x4x40:fp32", "--no-memory"]) == 0

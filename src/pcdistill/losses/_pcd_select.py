@@ -108,12 +108,18 @@ def _class_values(s, t, atom, m, temperature: float):
         torch.isfinite(diff), diff, 0.0)
 
 
-def atom_sums(s, t, atom, m, temperature: float, prob_cos: bool) -> torch.Tensor:
-    """``(7 or 9, rows, atoms)``: the sums :func:`_pcd_rows.combine_atoms` reads, atom by atom."""
+SUMS = ("e_s", "u", "uu", "e_t", "e_t_diff", "e_t_u", "e_t_e_t", "e_s_e_s", "e_s_e_t")  # combine_atoms's order
+ACCUMULATORS = 16  # sums per compiled pass: more, and the loop's accumulators spill (2.6x slower at 28)
+
+
+def atom_sums(s, t, atom, m, temperature: float, names: tuple[str, ...]) -> torch.Tensor:
+    """``(len(names), rows, atoms)``: the sums :func:`_pcd_rows.combine_atoms` reads (``SUMS``), atom by atom."""
     e_s, u, e_t, diff = _class_values(s, t, atom, m, temperature)
-    parts = [e_s, u, u * u, e_t, e_t * diff, e_t * u, e_t * e_t] + ([e_s * e_s, e_s * e_t] if prob_cos else [])
+    value = {"e_s": lambda: e_s, "u": lambda: u, "uu": lambda: u * u, "e_t": lambda: e_t,
+             "e_t_diff": lambda: e_t * diff, "e_t_u": lambda: e_t * u, "e_t_e_t": lambda: e_t * e_t,
+             "e_s_e_s": lambda: e_s * e_s, "e_s_e_t": lambda: e_s * e_t}
     return torch.stack([torch.stack([torch.where(atom == k, x, 0.0).sum(-1) for k in range(m.shape[-1])], -1)
-                        for x in parts])
+                        for x in (value[name]() for name in names)])
 
 
 def class_gradient(s, t, atom, m, coef, temperature: float, prob_cos: bool) -> torch.Tensor:
@@ -218,7 +224,10 @@ def pcd_rows_select(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], f
     if len(tied):
         tie[tied] = _tie_index(key[tied], cuts[:, :-1].expand(rows, -1)[tied], w[tied])
         m, _, atom = _run(atom_maxima, s, t, key, w, tie, dead, temperature)
-    sums = _run(atom_sums, s, t, atom, m, temperature, prob_cos)
+    names = SUMS[:9 if prob_cos else 7]
+    step = max(1, ACCUMULATORS // m.shape[-1])
+    sums = torch.cat([_run(atom_sums, s, t, atom, m, temperature, names[i:i + step])
+                      for i in range(0, len(names), step)])
     loss, coef = combine_atoms(m, sums, atoms, stage_groups, temperature, adaptive, weight, want_grad)
     loss = (factor * loss).to(s.dtype) if nan_row is None else finish_loss(loss, nan_row, inf_row, factor, s.dtype)
     if not want_grad:
