@@ -479,6 +479,8 @@ def test_threshold_rows_agree_with_the_sort_rows(monkeypatch, compiled):
     for C, groups in ((300, [1, 2, 3]),) if compiled else ((37, [1, 2, 3]), (300, [1, 2, 3]), (9, [5])):
         s64, t64 = special_rows(C, C)
         s64[0, : C // 2] = t64[0, : C // 2] = 1.0  # one key for half the classes: ties across every cut
+        s64[0, C // 2:] -= 6000.0  # atoms whose terms underflow when shifted by the row's maximum
+        t64[0, C // 2:] -= 3000.0
         for rank_by, adaptive, weight, dtype in cases:
             s, t = s64.to(dtype), t64.to(dtype)
             for rows in (slice(None), slice(0, 2)):  # masked rows, and rows that all share one layout
@@ -486,8 +488,12 @@ def test_threshold_rows_agree_with_the_sort_rows(monkeypatch, compiled):
                 want, g_want = kernel.pcd_rows(*args)
                 got, g_got = select.pcd_rows_select(*args)
                 tol = dict(rtol=1e-11, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-5)
-                torch.testing.assert_close(got, want, equal_nan=True, **tol)
-                torch.testing.assert_close(g_got, g_want, equal_nan=True, **tol)
+                torch.testing.assert_close(got[1:], want[1:], equal_nan=True, **tol)
+                torch.testing.assert_close(g_got[1:], g_want[1:], equal_nan=True, **tol)
+                # row 0's logits span 6000: float32 sums of (log q)^2 ~ 4e6 keep about 5 digits in either path
+                tol = tol if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-4)
+                torch.testing.assert_close(got[:1], want[:1], equal_nan=True, **tol)
+                torch.testing.assert_close(g_got[:1], g_want[:1], equal_nan=True, **tol)
     got = select.pcd_rows_select(s, t, [1, 2], 2.0, 3.0, True, "abs_diff", False)
     assert got[1] is None and got[0].isposinf()[5] and got[0][6:].isnan().all()
 

@@ -11,9 +11,12 @@ The same atoms, sums and closed-form gradient as ``_pcd_rows`` (read its docstri
    matters only where several classes hold the key ``w`` (a tie across the cut): with ``i = 0`` they would
    all lie past it and the atom before comes up short, which its class count shows; ``i`` is then found by
    counting in those rows alone.
-2. *Passes.* Three passes read a row: the atoms' maxima (and class counts), the atoms' shifted sums, and
-   the gradient in class order. ``torch.compile`` turns each into one vectorised C++ loop over the chunk;
-   per-atom values are picked by selects, not gathers, so that loop stays vectorised.
+2. *Passes.* The exponentials are shifted by the row's maxima (any shift gives the same sums; the atom's
+   own maximum is needed only when an atom's largest term would underflow, which the sums show, and then
+   one more pass finds the atoms' maxima). A pass computes the classes' atoms, their counts and the first
+   sums; further passes the other sums (at most ``ACCUMULATORS`` each); the last the gradient in class
+   order. ``torch.compile`` turns each into one vectorised C++ loop over the chunk; per-atom values are
+   picked by selects, not gathers, so that loop stays vectorised.
 
 The compiled passes cost a call overhead and a first-call compilation, so ``_pcd_cpu`` uses them for large
 chunks with few cuts only (:func:`usable`); its tiles do the rest.
@@ -30,8 +33,8 @@ from ._pcd_rows import atom_cuts, atom_layout, combine_atoms, finish_loss, prior
 
 MAX_CUTS = 10  # interior cuts (K = 5 has 10): more, and the per-class compares outweigh what the passes save
 MIN_LOGITS = 2**16  # in a chunk: below, the compiled calls' overhead outweighs their speed
-CHUNK_LOGITS = 2**21
-WORK_ARRAYS = 6  # (rows, C)-sized arrays alive at once: the two inputs, the key, its partitioned copy, the gradient
+CHUNK_LOGITS = 2**20  # at most in a chunk: fewer calls (each ~0.3 ms) than 2**19, and faster than 2**21
+WORK_ARRAYS = 6  # (rows, C)-sized arrays at once: the inputs, the key, its partitioned copy, the atoms, the gradient
 COMPILED = True  # False: the same passes in eager torch (tests of the logic without compiling)
 
 
@@ -85,16 +88,19 @@ def _per_class(table: torch.Tensor, atom: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def atom_maxima(s, t, key, w, tie, dead: int, temperature: float):
-    """``(2, rows, atoms)``: the largest ``s/T`` and ``t/T`` of each atom (0 for none, or ``-inf`` only);
-    ``(rows, atoms)``: the classes in each atom (which tell a tie across a cut, see :func:`pcd_rows_select`);
-    ``(rows, C)`` int32: each class's atom, for the next two passes."""
+def atom_maxima(s, t, key, w, tie, dead: int, temperature: float) -> torch.Tensor:
+    """``(2, rows, atoms)``: the largest ``s/T`` and ``t/T`` of each atom (0 for none, or ``-inf`` only), the shift
+    where the row's maxima would underflow an atom's terms."""
     atom = atom_of(key, w, tie, dead)
-    atoms = range(w.shape[1] + 1)
-    m = torch.stack([torch.stack([torch.where(atom == k, z, float("-inf")).amax(-1) for k in atoms], -1)
-                     for z in (s / temperature, t / temperature)])
-    count = torch.stack([(atom == k).sum(-1) for k in atoms], -1)
-    return torch.where(torch.isneginf(m), 0.0, m), count, atom
+    m = torch.stack([torch.stack([torch.where(atom == k, z, float("-inf")).amax(-1) for k in range(w.shape[1] + 1)],
+                                 -1) for z in (s / temperature, t / temperature)])
+    return torch.where(torch.isneginf(m), 0.0, m)
+
+
+def row_maxima(s, t, temperature: float) -> torch.Tensor:
+    """``(2, rows, 1)``: the largest ``s/T`` and ``t/T`` of each row (0 where not finite)."""
+    m = torch.stack([s.amax(-1, keepdim=True), t.amax(-1, keepdim=True)]) / temperature
+    return torch.where(torch.isfinite(m), m, 0.0)
 
 
 def _class_values(s, t, atom, m, temperature: float):
@@ -110,6 +116,14 @@ def _class_values(s, t, atom, m, temperature: float):
 
 SUMS = ("e_s", "u", "uu", "e_t", "e_t_diff", "e_t_u", "e_t_e_t", "e_s_e_s", "e_s_e_t")  # combine_atoms's order
 ACCUMULATORS = 16  # sums per compiled pass: more, and the loop's accumulators spill (2.6x slower at 28)
+
+
+def first_sums(s, t, key, w, tie, dead: int, m, temperature: float, names: tuple[str, ...]):
+    """:func:`atom_sums` of the classes' atoms from their keys, and ``(rows, atoms)``: the classes in each atom
+    (which tell a tie across a cut, see :func:`pcd_rows_select`); ``(rows, C)`` int32: the atoms, for later passes."""
+    atom = atom_of(key, w, tie, dead)
+    count = torch.stack([(atom == k).sum(-1) for k in range(m.shape[-1])], -1)
+    return atom_sums(s, t, atom, m, temperature, names), count, atom
 
 
 def atom_sums(s, t, atom, m, temperature: float, names: tuple[str, ...]) -> torch.Tensor:
@@ -218,16 +232,26 @@ def pcd_rows_select(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], f
     tie = torch.zeros_like(w, dtype=torch.int32)
     dead = _dead_key(key.dtype)
     prob_cos = adaptive and weight == "prob_cos"
-    m, count, atom = _run(atom_maxima, s, t, key, w, tie, dead, temperature)
+    names = SUMS[:9 if prob_cos else 7]
+    step = max(1, ACCUMULATORS // cuts.shape[1])
+
+    def sums_and_atoms(m):
+        first, count, atom = _run(first_sums, s, t, key, w, tie, dead, m, temperature, names[:step])
+        rest = [_run(atom_sums, s, t, atom, m, temperature, names[i:i + step]) for i in range(step, len(names), step)]
+        return torch.cat([first] + rest), count, atom
+
+    # shifted by the row's maxima: exact unless an atom's largest term is near underflow, then by the atoms' own
+    m = row_maxima(s, t, temperature).expand(-1, -1, cuts.shape[1])
+    sums, count, atom = sums_and_atoms(m)
     # without a tie index, every class holding a cut's key lies past it: an atom short of its classes has a tie
     tied = torch.nonzero((count != atoms.count[:, 0]).any(-1)).flatten()
     if len(tied):
         tie[tied] = _tie_index(key[tied], cuts[:, :-1].expand(rows, -1)[tied], w[tied])
-        m, _, atom = _run(atom_maxima, s, t, key, w, tie, dead, temperature)
-    names = SUMS[:9 if prob_cos else 7]
-    step = max(1, ACCUMULATORS // m.shape[-1])
-    sums = torch.cat([_run(atom_sums, s, t, atom, m, temperature, names[i:i + step])
-                      for i in range(0, len(names), step)])
+        sums, count, atom = sums_and_atoms(m)
+    tiny = torch.finfo(s.dtype).tiny / torch.finfo(s.dtype).eps
+    if bool(((count > 0) & ((sums[0] < tiny) | (sums[3] < tiny))).any()):
+        m = _run(atom_maxima, s, t, key, w, tie, dead, temperature)
+        sums, _, atom = sums_and_atoms(m)
     loss, coef = combine_atoms(m, sums, atoms, stage_groups, temperature, adaptive, weight, want_grad)
     loss = (factor * loss).to(s.dtype) if nan_row is None else finish_loss(loss, nan_row, inf_row, factor, s.dtype)
     if not want_grad:
