@@ -1,6 +1,8 @@
 """The loss benchmark's plain loop computes the same loss as pcd_loss (so its ratio compares like with
 like), and the benchmark runs end to end on a tiny shape."""
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,8 +45,6 @@ def test_loss_bench_prints_every_method(capsys):
 
 
 def test_pcd_first_call_reports_both_calls():
-    import subprocess
-    import sys
     out = subprocess.run([sys.executable, str(BENCH / "pcd_first_call.py"), "--shape", "4x50"], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

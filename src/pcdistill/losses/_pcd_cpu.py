@@ -1,8 +1,7 @@
 """PCD's per-row computation on the CPU: a selection instead of a sort, and atoms laid out as tiles.
 
 A chunk large enough for compiled passes to pay, with few cuts (K <= 5), goes to ``_pcd_select`` instead
-(thresholds; three compiled passes); these tiles take small chunks, K near C, and any run where compiling
-fails.
+(thresholds; compiled passes); these tiles take small chunks, K > 5, and any run where compiling fails.
 
 The same atoms, sums and closed-form gradient as ``_pcd_rows`` (read its docstring first); two steps differ.
 
@@ -32,12 +31,11 @@ import functools
 import sys
 import warnings
 
-import numpy as np
 import torch
 
 from . import _pcd_select
 from ._pcd_rows import Atoms, atom_cuts, atom_layout, combine_atoms, finish_loss
-from ._pcd_select import row_state
+from ._pcd_select import partition_at, row_state, rows_by_cuts
 
 WORK_ARRAYS = 20  # (rows, C)-sized arrays alive at once, in units of the compute dtype (int64 counts twice)
 
@@ -79,15 +77,6 @@ def _shared_plan(n: int, num_classes: int, stage_groups: tuple[int, ...]) -> Pla
     return _plan(torch.tensor([n]), num_classes, stage_groups)
 
 
-def _partition(keys: np.ndarray, cuts) -> None:
-    """Partition the rows of ``keys`` in place so that positions ``[c_i, c_{i+1})`` hold the keys of those ranks."""
-    start = 0
-    for cut in sorted(set(cuts)):
-        if start < cut < keys.shape[1]:
-            keys[:, start:].partition(cut - start, axis=-1)
-            start = cut
-
-
 def class_order(key: torch.Tensor, plan: Plan) -> torch.Tensor:
     """``(rows, C)`` int64: the classes of each row with atom ``k`` at rank positions ``[cuts[k-1], cuts[k])``
     (ranked by the integer ``key`` descending, ties to the lower class index; any order inside an atom)."""
@@ -103,13 +92,11 @@ def class_order(key: torch.Tensor, plan: Plan) -> torch.Tensor:
     packed = halves.view(torch.int64).squeeze(-1)
     keys = packed.numpy()
     if plan.shared_cuts is not None:
-        _partition(keys, plan.shared_cuts)
+        partition_at(keys, plan.shared_cuts)
     else:  # rows with equal cuts together
-        unique, which = np.unique(plan.atoms.cuts.numpy(), axis=0, return_inverse=True)
-        for i, cuts in enumerate(unique.tolist()):
-            same = np.flatnonzero(which.reshape(-1) == i)
+        for same, cuts in rows_by_cuts(plan.atoms.cuts):
             part = keys[same]
-            _partition(part, cuts)
+            partition_at(part, cuts.tolist())
             keys[same] = part
     return packed.bitwise_and_(2**32 - 1)
 

@@ -38,10 +38,16 @@ WORK_ARRAYS = 6  # (rows, C)-sized arrays at once: the inputs, the key, its part
 COMPILED = True  # False: the same passes in eager torch (tests of the logic without compiling)
 
 
+def few_cuts(num_classes: int, stage_groups: list[int]) -> bool:
+    """Whether rows of ``num_classes`` classes and these stages go to :func:`pcd_rows_select` once large enough
+    (and the passes compile)."""
+    cuts = sum(g - 1 for g in set(stage_groups))  # as _pcd_rows.atom_cuts counts them
+    return COMPILED and cuts <= MAX_CUTS and cuts < num_classes
+
+
 def usable(rows: int, num_classes: int, stage_groups: list[int]) -> bool:
     """Whether a chunk goes to :func:`pcd_rows_select`."""
-    cuts = sum(g - 1 for g in stage_groups)
-    return COMPILED and rows * num_classes >= MIN_LOGITS and cuts <= MAX_CUTS and cuts < num_classes
+    return rows * num_classes >= MIN_LOGITS and few_cuts(num_classes, stage_groups)
 
 
 def row_state(s: torch.Tensor, t: torch.Tensor, rank_by: str, compiled: bool = False):
@@ -154,32 +160,34 @@ def cut_keys(key: torch.Tensor, cuts: torch.Tensor):
     """
     rows, num_classes = key.shape
     w = torch.full((rows, cuts.shape[1] - 1), torch.iinfo(key.dtype).min, dtype=key.dtype)
-    keys = key.numpy().copy()  # partitioned in place, ascending: rank p sits at position C - 1 - p
-    groups = [(slice(None), cuts[0])] if len(cuts) == 1 else _rows_by_cuts(cuts)
+    keys = key.numpy()  # partitioned (a copy) ascending: rank p sits at position C - 1 - p
+    groups = [(slice(None), cuts[0])] if len(cuts) == 1 else rows_by_cuts(cuts)
     for which, row_cuts in groups:
         interior, n = row_cuts[:-1], row_cuts[-1]
         live = torch.nonzero(interior < n).flatten()
         positions = (num_classes - 1 - interior[live]).tolist()
-        part = keys[which]
-        _partition(part, positions)
+        part = keys.copy() if isinstance(which, slice) else keys[which]  # fancy indexing copies already
+        partition_at(part, positions)
         if positions:
             at = which if isinstance(which, slice) else torch.from_numpy(which)[:, None]
             w[at, live] = torch.from_numpy(part[:, positions])
     return w
 
 
-def _rows_by_cuts(cuts: torch.Tensor):
+def rows_by_cuts(cuts: torch.Tensor):
     """``(row indices, cuts)`` for each distinct row of ``cuts`` (rows with other live-class counts)."""
     unique, which = np.unique(cuts.numpy(), axis=0, return_inverse=True)
     return [(np.flatnonzero(which.reshape(-1) == i), torch.from_numpy(row)) for i, row in enumerate(unique)]
 
 
-def _partition(keys: np.ndarray, positions: list[int]) -> None:
-    """Partition the rows of ``keys`` in place so that each of ``positions`` holds the key of that ascending rank."""
+def partition_at(keys: np.ndarray, positions) -> None:
+    """Partition the rows of ``keys`` in place so that each of ``positions`` (those inside the row) holds the key
+    of that ascending rank, and the positions between two of them the keys of the ranks between."""
     start = 0
     for p in sorted(set(positions)):
-        keys[:, start:].partition(p - start, axis=-1)
-        start = p + 1  # the next partition leaves position p as it is
+        if p < keys.shape[1]:
+            keys[:, start:].partition(p - start, axis=-1)
+            start = p + 1  # the next partition leaves position p as it is
 
 
 @functools.cache

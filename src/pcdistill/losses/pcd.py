@@ -151,7 +151,7 @@ def _row_spec(device: torch.device, num_classes: int, stage_groups: list[int], a
             loss, grad = pcd_rows_op(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
             return loss, grad if want_grad else None
 
-        if _pcd_select.usable(_pcd_select.MIN_LOGITS, num_classes, stage_groups):  # large chunks: fewer arrays
+        if _pcd_select.few_cuts(num_classes, stage_groups):  # large chunks take the threshold rows: fewer arrays
             return cpu_rows, _pcd_select.WORK_ARRAYS, _pcd_select.CHUNK_LOGITS
         return cpu_rows, CPU_WORK_ARRAYS, SPEED_CHUNK
     return pcd_rows, WORK_ARRAYS, SPEED_CHUNK
