@@ -77,6 +77,7 @@ def _backend(name, call):
 DEFAULT_METHODS = [m for m in METHODS if m not in ("DIST", "PCD K=3 (torch rows)", "PCD K=3 (Triton)")]
 # (rows, classes, fp32 ratio X / KD at most) as issue 22 set them; KD / textbook KD at most 1.3 at the small two
 TARGETS = {(64, 100): 3.0, (256, 1000): 3.0, (1024, 49152): 2.0, (512, 128000): 2.0}
+SMALL_LOGITS = 2**20  # up to here a step takes milliseconds: 101 rounds, or the VM's jitter sets the median
 LOOP_MAX_LOGITS = 8_000_000  # the batched loop's autograd keeps several logits-sized arrays per group
 
 
@@ -270,8 +271,9 @@ def main(argv=None) -> int:
             rows, classes, dtype = parse_shape(shape)
             s, t, y = inputs(rows, classes, dtype, device)
             big = rows * classes >= 20_000_000
-            rounds = 3 if (args.quick or big) else 15
-            warmup = 1 if big else 3
+            small = rows * classes <= SMALL_LOGITS
+            rounds = 3 if (args.quick or big) else 101 if small else 15
+            warmup = 1 if big else 10 if small else 3
             timed_rows[shape] = [(m, *time_against_kd(METHODS[m], s, t, y, device, rounds, warmup))
                                  for m in args.methods]
             ratios = {m: ms / kd_ms for m, kd_ms, ms in timed_rows[shape]}

@@ -987,6 +987,23 @@ def test_minus_inf_in_both_equals_slicing_for_the_baselines(fn):
         torch.testing.assert_close(g_got[i, live], g_want[0], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dead_rows", [[], [0], [2, 3]])
+def test_log_softmax_rows_gives_minus_inf_for_rows_of_only_minus_inf(dead_rows):
+    from pcdistill.losses._common import log_softmax_rows
+    z = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    z[1, 2], z[4, 0] = NEG, float("nan")  # a masked class; a NaN row stays NaN
+    z[dead_rows] = NEG
+    got = log_softmax_rows(z.clone())
+    for i, row in enumerate(z):
+        if i in dead_rows:
+            want = torch.full_like(row, NEG)
+        elif torch.isnan(row).any():
+            want = torch.full_like(row, float("nan"))
+        else:  # log p_c = z_c - log sum_j exp z_j, one row at a time
+            want = row - math.log(sum(math.exp(v) for v in row.tolist()))
+        torch.testing.assert_close(got[i], want, rtol=1e-12, atol=0, equal_nan=True)
+
+
 def test_teacher_only_minus_inf_contributes_zero_for_kd():
     s, t = pair((3, 8), seed=5)
     t[:, 3] = NEG
