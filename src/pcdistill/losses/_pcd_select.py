@@ -16,7 +16,8 @@ The same atoms, sums and closed-form gradient as ``_pcd_rows`` (read its docstri
    one more pass finds the atoms' maxima). A pass computes the classes' atoms, their counts and the first
    sums; further passes the other sums (at most ``ACCUMULATORS`` each); the last the gradient in class
    order. ``torch.compile`` turns each into one vectorised C++ loop over the chunk; per-atom values are
-   picked by selects, not gathers, so that loop stays vectorised.
+   picked by selects, not gathers, so that loop stays vectorised (the row's maxima need none, and finite rows
+   skip the zeroing of non-finite differences: a tenth of a pass's time).
 
 The compiled passes cost a call overhead and a first-call compilation, so ``_pcd_cpu`` uses them for large
 chunks with few cuts only (:func:`usable`); its tiles do the rest.
@@ -109,46 +110,48 @@ def row_maxima(s, t, temperature: float) -> torch.Tensor:
     return torch.where(torch.isfinite(m), m, 0.0)
 
 
-def _class_values(s, t, atom, m, temperature: float):
+def _class_values(s, t, atom, m, temperature: float, finite: bool):
     """Per class: ``e_s = exp(a - m_s)``, ``u = a - m_s`` (0 where not finite), ``e_t = exp(b - m_t)`` and
-    ``b - a`` (0 where not finite), with ``a = s/T``, ``b = t/T`` and ``m`` the class's atom maxima."""
+    ``b - a`` (0 where not finite), with ``a = s/T``, ``b = t/T`` and ``m`` the class's atom maxima (``(2, rows, 1)``:
+    the row's, the same for every atom, which spares each class a select per atom)."""
     a, b = s / temperature, t / temperature
-    m_s, m_t = _per_class(m[0], atom), _per_class(m[1], atom)
+    m_s, m_t = (m[0], m[1]) if m.shape[-1] == 1 else (_per_class(m[0], atom), _per_class(m[1], atom))
     u = a - m_s
     diff = b - a
-    return torch.exp(u), torch.where(torch.isfinite(u), u, 0.0), torch.exp(b - m_t), torch.where(
-        torch.isfinite(diff), diff, 0.0)
+    if not finite:
+        u, diff = torch.where(torch.isfinite(u), u, 0.0), torch.where(torch.isfinite(diff), diff, 0.0)
+    return torch.exp(a - m_s), u, torch.exp(b - m_t), diff
 
 
 SUMS = ("e_s", "u", "uu", "e_t", "e_t_diff", "e_t_u", "e_t_e_t", "e_s_e_s", "e_s_e_t")  # combine_atoms's order
 ACCUMULATORS = 16  # sums per compiled pass: more, and the loop's accumulators spill (2.6x slower at 28)
 
 
-def first_sums(s, t, key, w, tie, dead: int, m, temperature: float, names: tuple[str, ...]):
+def first_sums(s, t, key, w, tie, dead: int, m, temperature: float, names: tuple[str, ...], finite: bool):
     """:func:`atom_sums` of the classes' atoms from their keys, and ``(rows, atoms)``: the classes in each atom
     (which tell a tie across a cut, see :func:`pcd_rows_select`); ``(rows, C)`` int32: the atoms, for later passes."""
     atom = atom_of(key, w, tie, dead)
-    count = torch.stack([(atom == k).sum(-1) for k in range(m.shape[-1])], -1)
-    return atom_sums(s, t, atom, m, temperature, names), count, atom
+    count = torch.stack([(atom == k).sum(-1) for k in range(w.shape[1] + 1)], -1)
+    return atom_sums(s, t, atom, m, temperature, names, w.shape[1] + 1, finite), count, atom
 
 
-def atom_sums(s, t, atom, m, temperature: float, names: tuple[str, ...]) -> torch.Tensor:
+def atom_sums(s, t, atom, m, temperature: float, names: tuple[str, ...], atoms: int, finite: bool) -> torch.Tensor:
     """``(len(names), rows, atoms)``: the sums :func:`_pcd_rows.combine_atoms` reads (``SUMS``), atom by atom."""
-    e_s, u, e_t, diff = _class_values(s, t, atom, m, temperature)
+    e_s, u, e_t, diff = _class_values(s, t, atom, m, temperature, finite)
     value = {"e_s": lambda: e_s, "u": lambda: u, "uu": lambda: u * u, "e_t": lambda: e_t,
              "e_t_diff": lambda: e_t * diff, "e_t_u": lambda: e_t * u, "e_t_e_t": lambda: e_t * e_t,
              "e_s_e_s": lambda: e_s * e_s, "e_s_e_t": lambda: e_s * e_t}
-    return torch.stack([torch.stack([torch.where(atom == k, x, 0.0).sum(-1) for k in range(m.shape[-1])], -1)
+    return torch.stack([torch.stack([torch.where(atom == k, x, 0.0).sum(-1) for k in range(atoms)], -1)
                         for x in (value[name]() for name in names)])
 
 
-def class_gradient(s, t, atom, m, coef, temperature: float, prob_cos: bool) -> torch.Tensor:
+def class_gradient(s, t, atom, m, coef, temperature: float, prob_cos: bool, finite: bool) -> torch.Tensor:
     """``(rows, C)``: ``c0 e_s + c1 e_t + c2 u + c3`` (``prob_cos``: ``e_s (c0 + c2 e_s + c3 e_t) + c1 e_t``),
     each ``c`` its class's atom's coefficient ``coef`` ``(4, rows, atoms)``; 0 in the dump."""
-    e_s, u, e_t, _ = _class_values(s, t, atom, m, temperature)
+    e_s, u, e_t, _ = _class_values(s, t, atom, m, temperature, finite)
     c = [_per_class(x, atom) for x in coef]
     g = e_s * (c[0] + c[2] * e_s + c[3] * e_t) + c[1] * e_t if prob_cos else c[0] * e_s + c[1] * e_t + c[2] * u + c[3]
-    return torch.where(atom == m.shape[-1], 0.0, g)
+    return torch.where(atom == coef.shape[-1], 0.0, g)
 
 
 def cut_keys(key: torch.Tensor, cuts: torch.Tensor):
@@ -239,17 +242,19 @@ def pcd_rows_select(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], f
     w = cut_keys(key, cuts)
     tie = torch.zeros_like(w, dtype=torch.int32)
     dead = _dead_key(key.dtype)
+    finite = n is None  # no -inf: no u or b - a to zero
     prob_cos = adaptive and weight == "prob_cos"
     names = SUMS[:9 if prob_cos else 7]
     step = max(1, ACCUMULATORS // cuts.shape[1])
 
     def sums_and_atoms(m):
-        first, count, atom = _run(first_sums, s, t, key, w, tie, dead, m, temperature, names[:step])
-        rest = [_run(atom_sums, s, t, atom, m, temperature, names[i:i + step]) for i in range(step, len(names), step)]
+        first, count, atom = _run(first_sums, s, t, key, w, tie, dead, m, temperature, names[:step], finite)
+        rest = [_run(atom_sums, s, t, atom, m, temperature, names[i:i + step], cuts.shape[1], finite)
+                for i in range(step, len(names), step)]
         return torch.cat([first] + rest), count, atom
 
     # shifted by the row's maxima: exact unless an atom's largest term is near underflow, then by the atoms' own
-    m = row_maxima(s, t, temperature).expand(-1, -1, cuts.shape[1])
+    m = row_maxima(s, t, temperature)
     sums, count, atom = sums_and_atoms(m)
     # without a tie index, every class holding a cut's key lies past it: an atom short of its classes has a tie
     tied = torch.nonzero((count != atoms.count[:, 0]).any(-1)).flatten()
@@ -260,11 +265,12 @@ def pcd_rows_select(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], f
     if bool(((count > 0) & ((sums[0] < tiny) | (sums[3] < tiny))).any()):
         m = _run(atom_maxima, s, t, key, w, tie, dead, temperature)
         sums, _, atom = sums_and_atoms(m)
-    loss, coef = combine_atoms(m, sums, atoms, stage_groups, temperature, adaptive, weight, want_grad)
+    loss, coef = combine_atoms(m.expand(-1, -1, cuts.shape[1]), sums, atoms, stage_groups, temperature, adaptive,
+                               weight, want_grad)
     loss = (factor * loss).to(s.dtype) if nan_row is None else finish_loss(loss, nan_row, inf_row, factor, s.dtype)
     if not want_grad:
         return loss, None
-    grad = _run(class_gradient, s, t, atom, m, coef * (factor / temperature), temperature, prob_cos)
+    grad = _run(class_gradient, s, t, atom, m, coef * (factor / temperature), temperature, prob_cos, finite)
     if nan_row is not None and bool((bad := nan_row | inf_row).any()):
         grad[bad] = float("nan")
     return loss, grad
