@@ -75,15 +75,18 @@ def abs_diff(s, t, mean_s, mean_t):
     return ((t - mean_t) - (s - mean_s)).abs()
 
 
-def atom_of(key: torch.Tensor, w: torch.Tensor, tie: torch.Tensor, dead: int) -> torch.Tensor:
-    """``(rows, C)`` int32: the number of cuts each class lies past (see the module's docstring); the dump,
-    ``cuts + 1``, for an absent class (``key == dead``)."""
+def atom_of(key: torch.Tensor, w: torch.Tensor, tie: torch.Tensor | None, dead: int | None) -> torch.Tensor:
+    """``(rows, C)`` int32: the number of cuts each class lies past (see the module's docstring; ``tie`` None: 0
+    everywhere); the dump, ``cuts + 1``, for an absent class (``key == dead``; None: there is none)."""
     index = torch.arange(key.shape[1], dtype=torch.int32, device=key.device)
     atom = torch.zeros_like(key, dtype=torch.int32)
     for j in range(w.shape[1]):
-        past = (key < w[:, j:j + 1]) | ((key == w[:, j:j + 1]) & (index >= tie[:, j:j + 1]))
+        if tie is None:
+            past = key <= w[:, j:j + 1]
+        else:
+            past = (key < w[:, j:j + 1]) | ((key == w[:, j:j + 1]) & (index >= tie[:, j:j + 1]))
         atom = atom + past.to(torch.int32)
-    return torch.where(key == dead, w.shape[1] + 1, atom)
+    return atom if dead is None else torch.where(key == dead, w.shape[1] + 1, atom)
 
 
 def _per_class(table: torch.Tensor, atom: torch.Tensor) -> torch.Tensor:
@@ -240,9 +243,9 @@ def pcd_rows_select(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], f
         cuts = atom_cuts(n, stage_groups, num_classes)
         atoms = atom_layout(cuts, n, stage_groups)
     w = cut_keys(key, cuts)
-    tie = torch.zeros_like(w, dtype=torch.int32)
-    dead = _dead_key(key.dtype)
-    finite = n is None  # no -inf: no u or b - a to zero
+    tie = None  # until a tie across a cut shows
+    finite = n is None  # no -inf: no absent class, no u or b - a to zero
+    dead = None if finite else _dead_key(key.dtype)
     prob_cos = adaptive and weight == "prob_cos"
     names = SUMS[:9 if prob_cos else 7]
     step = max(1, ACCUMULATORS // cuts.shape[1])
@@ -259,6 +262,7 @@ def pcd_rows_select(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], f
     # without a tie index, every class holding a cut's key lies past it: an atom short of its classes has a tie
     tied = torch.nonzero((count != atoms.count[:, 0]).any(-1)).flatten()
     if len(tied):
+        tie = torch.zeros_like(w, dtype=torch.int32)
         tie[tied] = _tie_index(key[tied], cuts[:, :-1].expand(rows, -1)[tied], w[tied])
         sums, count, atom = sums_and_atoms(m)
     tiny = torch.finfo(s.dtype).tiny / torch.finfo(s.dtype).eps
