@@ -16,8 +16,9 @@ The same atoms, sums and closed-form gradient as ``_pcd_rows`` (read its docstri
    one more pass finds the atoms' maxima). A pass computes the classes' atoms, their counts and the first
    sums; further passes the other sums (at most ``ACCUMULATORS`` each); the last the gradient in class
    order. ``torch.compile`` turns each into one vectorised C++ loop over the chunk; per-atom values are
-   picked by selects, not gathers, so that loop stays vectorised (the row's maxima need none, and finite rows
-   skip the zeroing of non-finite differences: a tenth of a pass's time).
+   picked by selects, not gathers, so that loop stays vectorised. The row's maxima need no select, a pass
+   before any tie shows compares each key once per cut, and a finite chunk has no dump and no non-finite
+   difference to zero: together about a tenth of the rows' time.
 
 The compiled passes cost a call overhead and a first-call compilation, so ``_pcd_cpu`` uses them for large
 chunks with few cuts only (:func:`usable`); its tiles do the rest.
@@ -98,7 +99,7 @@ def _per_class(table: torch.Tensor, atom: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def atom_maxima(s, t, key, w, tie, dead: int, temperature: float) -> torch.Tensor:
+def atom_maxima(s, t, key, w, tie, dead: int | None, temperature: float) -> torch.Tensor:
     """``(2, rows, atoms)``: the largest ``s/T`` and ``t/T`` of each atom (0 for none, or ``-inf`` only), the shift
     where the row's maxima would underflow an atom's terms."""
     atom = atom_of(key, w, tie, dead)
@@ -130,7 +131,7 @@ SUMS = ("e_s", "u", "uu", "e_t", "e_t_diff", "e_t_u", "e_t_e_t", "e_s_e_s", "e_s
 ACCUMULATORS = 16  # sums per compiled pass: more, and the loop's accumulators spill (2.6x slower at 28)
 
 
-def first_sums(s, t, key, w, tie, dead: int, m, temperature: float, names: tuple[str, ...], finite: bool):
+def first_sums(s, t, key, w, tie, dead: int | None, m, temperature: float, names: tuple[str, ...], finite: bool):
     """:func:`atom_sums` of the classes' atoms from their keys, and ``(rows, atoms)``: the classes in each atom
     (which tell a tie across a cut, see :func:`pcd_rows_select`); ``(rows, C)`` int32: the atoms, for later passes."""
     atom = atom_of(key, w, tie, dead)
