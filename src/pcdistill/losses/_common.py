@@ -120,8 +120,12 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def flat_rows(student: torch.Tensor, teacher: torch.Tensor):
     """(N, C) views of the logits (no copy for contiguous inputs); the teacher is detached."""
+    if teacher.requires_grad:
+        teacher = teacher.detach()
+    if student.dim() == 2:  # already rows: no view op (a few microseconds a call at vision shapes)
+        return student, teacher
     num_classes = student.shape[-1]
-    return student.reshape(-1, num_classes), teacher.detach().reshape(-1, num_classes)
+    return student.reshape(-1, num_classes), teacher.reshape(-1, num_classes)
 
 
 def check_valid(valid, leading_shape, device) -> torch.Tensor | None:
