@@ -1,12 +1,12 @@
-"""The one-time cost of PCD's compiled CPU passes: the first large call in a fresh process.
+"""The one-time cost of PCD's native CPU kernel: the first call in a fresh process.
 
-PCD's CPU rows compile their passes with ``torch.compile`` on the first chunk large enough to take them
-(``_pcd_select``); later calls reuse them, and later processes read the compiled code from inductor's
-cache on disk. This prints, for one fresh process, the first and the second call's seconds and the RSS
-they add (peak, and still held after each), so that the README can quote the cost.
+PCD's CPU rows build their C++ kernel (``losses/_pcd_native.cpp``) with the system's compiler on first use
+and keep it under ``$PCDISTILL_CACHE/kernels``; later processes load it from there. This prints, for one
+fresh process, the first and the second call's seconds and the RSS they add (peak, and still held after
+each), so that the README can quote the cost.
 
     python bench/pcd_first_call.py                 # 256 x 1000, PCD K=3
-    python bench/pcd_first_call.py --cold          # with an empty inductor cache (a fresh machine)
+    python bench/pcd_first_call.py --cold          # with an empty kernel cache (a fresh machine)
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def probe(rows: int, classes: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="256x1000", help="ROWSxCLASSES (default 256x1000)")
-    parser.add_argument("--cold", action="store_true", help="an empty inductor cache (TORCHINDUCTOR_CACHE_DIR)")
+    parser.add_argument("--cold", action="store_true", help="an empty kernel cache (PCDISTILL_CACHE)")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     rows, classes = (int(x) for x in args.shape.split("x"))
@@ -57,11 +57,11 @@ def main() -> None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
     with tempfile.TemporaryDirectory() as cache:
         if args.cold:
-            env["TORCHINDUCTOR_CACHE_DIR"] = cache
+            env["PCDISTILL_CACHE"] = cache
         out = subprocess.run([sys.executable, __file__, "--probe", "--shape", args.shape], capture_output=True,
                              text=True, env=env, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"PCD K=3 at {args.shape}, {'empty' if args.cold else 'warm'} inductor cache, fresh process:")
+    print(f"PCD K=3 at {args.shape}, {'empty' if args.cold else 'warm'} kernel cache, fresh process:")
     for call, r in result.items():
         print(f"  {call} call: {r['seconds']:.3f} s, peak RSS +{r['peak_mib']} MiB, held after +{r['held_mib']} MiB")
 

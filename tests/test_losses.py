@@ -143,7 +143,7 @@ def test_every_method_of_the_table_has_test_options():
 
 @pytest.fixture(params=["auto", "torch"])
 def backend(request):
-    """PCD's rows as the CPU runs them by default (selection and tiles), and the plain-torch rows (one sort)."""
+    """PCD's rows as the CPU runs them by default (the native loops), and the plain-torch rows (one sort)."""
     losses.set_pcd_backend(request.param)
     yield request.param
     losses.set_pcd_backend("auto")
@@ -396,132 +396,105 @@ def test_stage_bounds_follow_tensor_split():
 
 
 # ----------------------------------------------------------------------------------------------
-# The two row implementations: selection and tiles (CPU default), one sort and scatters (plain torch)
+# The two row implementations: native loops (CPU default), one sort and scatters (plain torch)
 # ----------------------------------------------------------------------------------------------
-def test_selection_and_sort_rows_agree_on_every_rule():
-    """``_pcd_cpu.pcd_rows_cpu`` (selection, tiles) against ``_pcd_rows.pcd_rows`` (sort, scatters): every
-    option and rule at once, float64 and float32 (whose keys go through the int64 partition)."""
-    from pcdistill.losses._pcd_cpu import pcd_rows_cpu
-    for C, groups in ((37, [1, 2, 3]), (9, [5]), (64, [1, 2, 3, 4, 5, 6, 7]), (6, list(range(1, 7)))):
-        for rank_by, adaptive, weight, dtype in [("abs_diff", True, "log_prob_cos", torch.float64),
-                                                 ("teacher", True, "prob_cos", torch.float64),
-                                                 ("none", False, "log_prob_cos", torch.float64),
-                                                 ("abs_diff", True, "prob_cos", torch.float32),
-                                                 ("teacher", True, "log_prob_cos", torch.float32)]:
-            s, t = (x.to(dtype) for x in special_rows(C, C))
-            for rows in (slice(None), slice(0, 2)):  # masked rows, and rows that all share one layout
-                args = (s[rows], t[rows], groups, 2.0, 3.0, adaptive, rank_by, True, weight)
-                want, g_want = kernel.pcd_rows(*args)
-                got, g_got = pcd_rows_cpu(*args)
-                tol = dict(rtol=1e-11, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-5)
-                torch.testing.assert_close(got, want, equal_nan=True, **tol)
-                torch.testing.assert_close(g_got, g_want, equal_nan=True, **tol)
-    got = pcd_rows_cpu(s, t, [1, 2], 2.0, 3.0, True, "abs_diff", False)
-    assert got[1] is None and got[0].isposinf()[5] and got[0][6:].isnan().all()
-
-
-def test_selection_groups_classes_as_the_stable_sort():
-    """float32 keys with many ties, -0.0 and absent classes: the partition puts each class in the atom the
-    stable descending sort (ties to the lower class index) puts it in."""
-    from pcdistill.losses._pcd_cpu import _plan, class_order
-    g = torch.Generator().manual_seed(3)
-    key = torch.randint(-3, 4, (7, 50), generator=g).float()
-    key[key == 0] = torch.where(torch.rand(int((key == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
-    key[1:4][torch.rand(3, 50, generator=g) < 0.4] = NEG  # absent classes: other live counts per row
-    n = (key > NEG).sum(-1)
-    plan = _plan(n, 50, (2, 3, 5))
-    cuts = plan.atoms.cuts
-    ints = kernel.sortable(key)
-    order = class_order(ints, plan)
-    want = torch.sort(ints, dim=-1, descending=True, stable=True).indices
-    for r in range(7):
-        bounds = [0] + cuts[r].tolist() + [50]
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            assert sorted(order[r, a:b].tolist()) == sorted(want[r, a:b].tolist()), (r, a, b)
-
-
-def test_thresholds_put_each_class_in_the_stable_sort_atom():
-    """``_pcd_select``: a class's atom from the cut keys (and, where a key ties across a cut, the tie index)
-    is the one the stable descending sort (ties to the lower class index) gives: float32 keys with many ties,
-    -0.0, absent classes (their own live counts) and rows long enough for numpy's SIMD partition."""
-    from pcdistill.losses import _pcd_select as select
-    g = torch.Generator().manual_seed(5)
-    for classes, dtype in ((50000, torch.float32), (257, torch.float64)):
-        key = torch.randint(-40, 40, (6, classes), generator=g).to(dtype)
-        key[key == 0] = torch.where(torch.rand(int((key == 0).sum()), generator=g) < 0.5, -0.0, 0.0).to(dtype)
-        key[0] = torch.randn(classes, generator=g, dtype=dtype)  # distinct keys: no tie anywhere
-        key[2:4][torch.rand(2, classes, generator=g) < 0.3] = NEG
-        key[4, 2:] = NEG  # fewer live classes than groups
-        n = (key > NEG).sum(-1)
-        ints = kernel.sortable(key)
-        cuts = kernel.atom_cuts(n, [2, 3, 5], classes)
-        w = select.cut_keys(ints, cuts)
-        tie = select._tie_index(ints, cuts[:, :-1], w)
-        atom = select.atom_of(ints, w, tie, select._dead_key(ints.dtype))
-        order = torch.sort(ints, dim=-1, descending=True, stable=True).indices
-        for r in range(len(key)):
-            bounds = [0] + cuts[r].tolist()
-            for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-                assert (atom[r, order[r, a:b]] == k).all(), (classes, r, k)
-            assert (atom[r, order[r, n[r]:]] == cuts.shape[1]).all()  # absent classes: the dump
-
-
-@pytest.mark.parametrize("compiled", [False, True])
-def test_threshold_rows_agree_with_the_sort_rows(monkeypatch, compiled):
-    """``_pcd_select.pcd_rows_select`` (thresholds; eager, and compiled as the CPU default runs it on large
-    chunks) against ``_pcd_rows.pcd_rows`` (sort, scatters): every rule and option, ties across the cuts."""
-    from pcdistill.losses import _pcd_select as select
-    monkeypatch.setattr(select, "COMPILED", compiled)
-    cases = [("abs_diff", True, "log_prob_cos", torch.float32), ("teacher", True, "prob_cos", torch.float32),
-             ("none", False, "log_prob_cos", torch.float32)]
-    if not compiled:  # each case is a compilation: the eager passes run the same functions over everything
-        cases += [("abs_diff", True, "prob_cos", torch.float64), ("teacher", False, "log_prob_cos", torch.float64)]
-    for C, groups in ((300, [1, 2, 3]),) if compiled else ((37, [1, 2, 3]), (300, [1, 2, 3]), (9, [5])):
+def test_native_rows_agree_with_the_sort_rows():
+    """``_pcd_native.pcd_rows_native`` (selection, loops) against ``_pcd_rows.pcd_rows`` (sort, scatters): every
+    option and rule, float64 and float32, ties across the cuts, atoms that underflow when shifted by the row's
+    maximum, K near C (every rank position its own atom), rows long enough for two threads."""
+    from pcdistill.losses._pcd_native import pcd_rows_native
+    cases = [("abs_diff", True, "log_prob_cos", torch.float64), ("teacher", True, "prob_cos", torch.float64),
+             ("none", False, "log_prob_cos", torch.float64), ("abs_diff", True, "prob_cos", torch.float32),
+             ("teacher", True, "log_prob_cos", torch.float32), ("abs_diff", False, "log_prob_cos", torch.float32)]
+    for C, groups in ((37, [1, 2, 3]), (9, [5]), (64, [1, 2, 3, 4, 5, 6, 7]), (6, list(range(1, 7))),
+                      (300, [1, 2, 3]), (5000, [1, 3])):
         s64, t64 = special_rows(C, C)
         s64[0, : C // 2] = t64[0, : C // 2] = 1.0  # one key for half the classes: ties across every cut
         s64[0, C // 2:] -= 6000.0  # atoms whose terms underflow when shifted by the row's maximum
         t64[0, C // 2:] -= 3000.0
         for rank_by, adaptive, weight, dtype in cases:
             s, t = s64.to(dtype), t64.to(dtype)
-            for rows in (slice(None), slice(0, 2)):  # masked rows, and rows that all share one layout
-                args = (s[rows], t[rows], groups, 2.0, 3.0, adaptive, rank_by, True, weight)
-                want, g_want = kernel.pcd_rows(*args)
-                got, g_got = select.pcd_rows_select(*args)
-                tol = dict(rtol=1e-11, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-5)
-                torch.testing.assert_close(got[1:], want[1:], equal_nan=True, **tol)
-                torch.testing.assert_close(g_got[1:], g_want[1:], equal_nan=True, **tol)
-                # row 0's logits span 6000: float32 sums of (log q)^2 ~ 4e6 keep about 5 digits in either path
-                tol = tol if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-4)
-                torch.testing.assert_close(got[:1], want[:1], equal_nan=True, **tol)
-                torch.testing.assert_close(g_got[:1], g_want[:1], equal_nan=True, **tol)
-    got = select.pcd_rows_select(s, t, [1, 2], 2.0, 3.0, True, "abs_diff", False)
+            for rows in (slice(None), slice(0, 2), slice(0, 1)):  # every rule; two rows; one row
+                args = (groups, 2.0, 3.0, adaptive, rank_by, True, weight)
+                got, g_got = pcd_rows_native(s[rows], t[rows], *args)
+                assert got.dtype == g_got.dtype == dtype
+                # the reference in float64 from the same inputs (the kernel sums in float64 whatever the input)
+                want, g_want = kernel.pcd_rows(s[rows].double(), t[rows].double(), *args)
+                tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-5)
+                if dtype == torch.float32 and rank_by == "abs_diff":  # rows 1-2's centred keys tie by float32
+                    want32, g_want32 = kernel.pcd_rows(s[rows], t[rows], *args)  # rounding: the float32 rows
+                    close = dict(equal_nan=True, rtol=1e-4, atol=1e-4)  # whose float32 sums keep ~4 digits
+                    torch.testing.assert_close(got[1:3], want32[1:3], **close)
+                    torch.testing.assert_close(g_got[1:3], g_want32[1:3], **close)
+                    got[1:3], g_got[1:3] = want[1:3], g_want[1:3]
+                torch.testing.assert_close(got.double(), want, equal_nan=True, **tol)
+                torch.testing.assert_close(g_got.double(), g_want, equal_nan=True, **tol)
+    big_s, big_t = (torch.randn(64, 2048, generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    args = (big_s, big_t, [1, 2, 3], 2.0, 4.0, True, "abs_diff", True, "log_prob_cos")  # 2 threads, if allowed
+    for got, want in zip(pcd_rows_native(*args), kernel.pcd_rows(*args)):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+    got = pcd_rows_native(s, t, [1, 2], 2.0, 3.0, True, "abs_diff", False)
     assert got[1] is None and got[0].isposinf()[5] and got[0][6:].isnan().all()
 
 
-def test_large_chunks_take_the_threshold_rows(monkeypatch):
-    """The CPU default sends a chunk with enough logits and few cuts to the threshold rows, the rest to the
-    tiles; a compilation failure (no C++ compiler) leaves the tiles, with a warning."""
-    from pcdistill.losses import _pcd_cpu
-    from pcdistill.losses import _pcd_select as select
-    monkeypatch.setattr(select, "COMPILED", True)  # restored after the test, whatever the failure below sets
-    calls = []
-    monkeypatch.setattr(select, "pcd_rows_select", lambda *a: calls.append(a[0].shape) or (None, None))
-    big = torch.zeros(2, select.MIN_LOGITS // 2)
-    _pcd_cpu.pcd_rows_cpu(big, big, [1, 2, 3], 2.0, 4.0, True, "abs_diff", True)
-    assert calls == [big.shape]
-    small = torch.zeros(2, 100)
-    assert _pcd_cpu.pcd_rows_cpu(small, small, [1, 2, 3], 2.0, 4.0, True, "abs_diff", True)[0] is not None
-    assert _pcd_cpu.pcd_rows_cpu(big, big, list(range(1, 7)), 2.0, 4.0, True, "abs_diff", True)[0] is not None
-    assert len(calls) == 1  # K = 6: 15 cuts, the tiles
+def test_rows_with_empty_atoms_in_groups_far_below_zero_match_the_reference(backend):
+    """K = 7 over 64 classes repeats cuts (empty atoms, whose maximum is set to 0); in a group of logits near
+    -1000 / T their exp(0 - top) overflowed and inf * 0 made the torch rows' loss NaN."""
+    s, t = special_rows(64, 64)
+    s[0, :32] = t[0, :32] = 1.0
+    s[0, 32:] -= 6000.0
+    t[0, 32:] -= 3000.0
+    s, t = s[:1].requires_grad_(True), t[:1]
+    for rank_by in ("teacher", "abs_diff"):
+        want = ref_pcd(s, t, temperature=3.0, stages=7, rank_by=rank_by)
+        got = pcd_loss(s, t, temperature=3.0, stages=7, rank_by=rank_by)
+        (g_want,), (g_got,) = torch.autograd.grad(want, s), torch.autograd.grad(got, s)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-9)
 
-    def no_compiler(*args):
-        raise torch._dynamo.exc.BackendCompilerFailed(no_compiler, RuntimeError("no C++ compiler"), None)
 
-    monkeypatch.setattr(select, "pcd_rows_select", no_compiler)
-    with pytest.warns(RuntimeWarning, match="using the tiles"):
-        loss, _ = _pcd_cpu.pcd_rows_cpu(big, big, [1, 2, 3], 2.0, 4.0, True, "abs_diff", True)
-    assert loss is not None and not select.COMPILED  # monkeypatch restores the flag after the test
-    assert not select.usable(2, select.MIN_LOGITS // 2, [1, 2, 3])
+def test_native_rows_group_classes_as_the_stable_sort():
+    """The selection puts each class in the group the stable descending sort (ties to the lower class index)
+    puts it in: keys with many ties, -0.0 and masked classes, checked through a loss that sees only the groups
+    (K = C: every group one class, whose KL is 0; K = 2 with a teacher that puts all mass on one class)."""
+    from pcdistill.losses._pcd_native import pcd_rows_native
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        t = torch.randint(-3, 4, (7, 50), generator=g).to(dtype)
+        t[t == 0] = torch.where(torch.rand(int((t == 0).sum()), generator=g) < 0.5, -0.0, 0.0).to(dtype)
+        s = torch.randn(7, 50, generator=g, dtype=dtype)
+        t[1:4][torch.rand(3, 50, generator=g) < 0.4] = NEG
+        s[t == NEG] = NEG  # masked classes: other live counts per row
+        for groups in ([2, 3, 5], [1, 2, 3, 4, 5, 6, 7], [4]):
+            for rank_by in ("teacher", "abs_diff"):
+                args = (s, t, groups, 1.0, 2.0, True, rank_by, True, "prob_cos")
+                want, g_want = kernel.pcd_rows(*args)
+                got, g_got = pcd_rows_native(*args)
+                torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+                torch.testing.assert_close(g_got, g_want, rtol=2e-5, atol=1e-6)
+
+
+def test_without_a_compiler_pcd_runs_the_torch_rows(monkeypatch, tmp_path):
+    """Where the kernel cannot be built: one warning that names the compiler and the folder, then the torch
+    rows (same loss); a later process finds a built kernel in the cache, keyed by its source."""
+    from pcdistill.losses import _pcd_native
+    monkeypatch.setenv("PCDISTILL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    _pcd_native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no-such-compiler.*kernels.*torch rows"):
+            fn = pcd_module._row_spec(torch.device("cpu"), 10, [1, 2, 3], True, "log_prob_cos")[0]
+        assert fn is kernel.pcd_rows
+        s, t = pair((4, 10), 0)
+        losses.set_pcd_backend("torch")
+        want = pcd_loss(s, t)
+        losses.set_pcd_backend("auto")
+        torch.testing.assert_close(pcd_loss(s, t), want, rtol=0, atol=0)
+        assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
+    finally:
+        monkeypatch.undo()
+        _pcd_native.library.cache_clear()
+    assert _pcd_native.library() is not None
 
 
 def test_stages_combined_in_blocks_give_the_same_result(monkeypatch):
@@ -535,7 +508,7 @@ def test_stages_combined_in_blocks_give_the_same_result(monkeypatch):
 
 
 def test_backend_choice():
-    """CPU: selection and tiles by default; the plain-torch rows when asked, and for the Triton backend's
+    """CPU: the native rows by default; the plain-torch rows when asked, and for the Triton backend's
     weight="prob_cos" (the kernel sums what the default weight needs only). Never Triton unless asked."""
     cpu = torch.device("cpu")
     assert pcd_module._row_spec(cpu, 10, [1, 2, 3], True, "log_prob_cos")[0].__name__ == "cpu_rows"

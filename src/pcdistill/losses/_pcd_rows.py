@@ -156,10 +156,11 @@ def _combine(m, sums, atoms: Atoms, stage_groups: list[int], temperature: float,
         2, index.expand(2, -1, -1), m.masked_fill(~live, neg).expand(2, rows, stages, n_atoms).reshape(2, rows, -1),
         "amax")
     top.masked_fill_(top == neg, 0.0)
-    total = per_group(z * torch.exp(m - per_atom(top)))
+    # an empty atom's m is 0, whose exp(m - top) overflows in a group far below 0: where(), never inf * 0
+    total = per_group(torch.where(live, z * torch.exp(m - per_atom(top)), 0.0))
     lse = top + torch.log(total.masked_fill_(total == 0, 1.0))
     log_w = m - per_atom(lse)  # within an atom log q = (u or b - m_t) + log_w: q_s = w_s e_s, q_t = w_t e_t
-    w_s, w_t = torch.exp(log_w) * live
+    w_s, w_t = torch.where(live, torch.exp(log_w), 0.0)
     delta = log_w[0]
     z_s, sum_u, sum_uu, z_t, sum_tdiff, sum_tu, sum_tt = sums[:7]
     count = atoms.count

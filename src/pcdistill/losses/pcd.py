@@ -1,9 +1,9 @@
 """Progressive Class-level Distillation (PCD), as specified in the project's METHOD.md.
 
 Li, Li, Zhang, Xu, "Progressive Class-level Distillation", arXiv 2505.24310 (2025).
-The maths is in :func:`pcd_loss`'s docstring; the per-row computation lives in ``_pcd_cpu`` (the CPU's
-default: selection and tiles) and ``_pcd_rows`` (plain torch: one sort, scatters), with the combination
-of every stage's groups shared by both (and by the Triton kernel of ``_pcd_triton``, used when asked for).
+The maths is in :func:`pcd_loss`'s docstring; the per-row computation lives in ``_pcd_native`` (the CPU's
+default: a C++ loop per row) and ``_pcd_rows`` (plain torch: one sort, scatters; elsewhere), and in the Triton
+kernel of ``_pcd_triton`` (used when asked for), which shares ``_pcd_rows``' combination of the groups.
 """
 from __future__ import annotations
 
@@ -121,12 +121,12 @@ _backend = os.environ.get("PCDISTILL_PCD_BACKEND", "auto")
 def set_pcd_backend(name: str) -> None:
     """PCD's per-row computation.
 
-    ``"auto"`` (default): on the CPU the rows of ``_pcd_cpu`` (a custom op: selection and tiles; for large chunks
-    thresholds and passes compiled by ``torch.compile`` on first use, see ``_pcd_select``), elsewhere the
-    plain-torch rows of ``_pcd_rows`` (one stable sort; traceable, no host sync). ``"torch"``: the plain-torch
-    rows everywhere. ``"triton"``: the Triton kernel of ``_pcd_triton`` (tested under ``TRITON_INTERPRET=1``
-    only, not yet on a GPU: ``bench/gpu.sh`` runs that check); for ``weight="prob_cos"`` and for ``K`` near
-    ``C`` it runs the plain-torch rows. Also set by ``PCDISTILL_PCD_BACKEND``.
+    ``"auto"`` (default): on the CPU the native rows of ``_pcd_native`` (C++ compiled on first use; where no
+    compiler can build it, the torch rows), elsewhere the plain-torch rows of ``_pcd_rows`` (one stable sort;
+    traceable, no host sync). ``"torch"``: the plain-torch rows everywhere. ``"triton"``: the Triton kernel of
+    ``_pcd_triton`` (tested under ``TRITON_INTERPRET=1`` only, not yet on a GPU: ``bench/gpu.sh`` runs that
+    check); for ``weight="prob_cos"`` and for ``K`` near ``C`` it runs the plain-torch rows. Also set by
+    ``PCDISTILL_PCD_BACKEND``.
     """
     global _backend
     check_choice("backend", name, BACKENDS)
@@ -141,19 +141,9 @@ def _row_spec(device: torch.device, num_classes: int, stage_groups: list[int], a
             from ._pcd_triton import pcd_rows_triton
             return pcd_rows_triton, WORK_ARRAYS, SPEED_CHUNK
     elif _backend == "auto" and device.type == "cpu":
-        from . import _pcd_select
-        from ._pcd_cpu import WORK_ARRAYS as CPU_WORK_ARRAYS
-        from ._pcd_cpu import pcd_rows_cpu, pcd_rows_op
-
-        def cpu_rows(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight):
-            if not torch.compiler.is_compiling():  # the op is for the graph; eager skips its dispatch
-                return pcd_rows_cpu(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
-            loss, grad = pcd_rows_op(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
-            return loss, grad if want_grad else None
-
-        if _pcd_select.few_cuts(num_classes, stage_groups):  # large chunks take the threshold rows: fewer arrays
-            return cpu_rows, _pcd_select.WORK_ARRAYS, _pcd_select.CHUNK_LOGITS
-        return cpu_rows, CPU_WORK_ARRAYS, SPEED_CHUNK
+        from . import _pcd_native
+        if _pcd_native.available():
+            return _pcd_native.cpu_rows, _pcd_native.WORK_ARRAYS, SPEED_CHUNK
     return pcd_rows, WORK_ARRAYS, SPEED_CHUNK
 
 
