@@ -427,8 +427,12 @@ def test_native_rows_agree_with_the_sort_rows():
                     torch.testing.assert_close(got[1:3], want32[1:3], **close)
                     torch.testing.assert_close(g_got[1:3], g_want32[1:3], **close)
                     got[1:3], g_got[1:3] = want[1:3], g_want[1:3]
-                torch.testing.assert_close(got.double(), want, equal_nan=True, **tol)
-                torch.testing.assert_close(g_got.double(), g_want, equal_nan=True, **tol)
+                torch.testing.assert_close(got[1:].double(), want[1:], equal_nan=True, **tol)
+                torch.testing.assert_close(g_got[1:].double(), g_want[1:], equal_nan=True, **tol)
+                # row 0's logits span 6000: in float32 (the compute dtype) s/T ~ -2000 rounds by 1e-4
+                tol = tol if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3)
+                torch.testing.assert_close(got[:1].double(), want[:1], equal_nan=True, **tol)
+                torch.testing.assert_close(g_got[:1].double(), g_want[:1], equal_nan=True, **tol)
     big_s, big_t = (torch.randn(64, 2048, generator=torch.Generator().manual_seed(i)) for i in (1, 2))
     args = (big_s, big_t, [1, 2, 3], 2.0, 4.0, True, "abs_diff", True, "log_prob_cos")  # 2 threads, if allowed
     for got, want in zip(pcd_rows_native(*args), kernel.pcd_rows(*args)):

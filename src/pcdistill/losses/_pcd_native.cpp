@@ -13,7 +13,6 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
-#include <thread>
 #include <vector>
 
 namespace {
@@ -55,7 +54,8 @@ template <typename T>
 struct Work {  // one thread's arrays, reused row after row
   std::vector<Key<T>> ranked;  // live classes in rank order (after rank_classes: each atom's together)
   std::vector<int64_t> cuts, index;
-  std::vector<double> a, b, e_s, e_t, u, m_s, m_t, sums, coef;
+  std::vector<T> a, b, e_s, e_t;  // per class in rank order, in the logits' precision (as the torch rows)
+  std::vector<double> m_s, m_t, sums, coef;  // per atom
 };
 
 // tensor_split(range(n), g): the start of group j
@@ -100,18 +100,18 @@ int64_t rank_classes(const T* s, const T* t, int64_t C, const Options& o, Work<T
       if (std::isfinite(s[c]) && std::isfinite(t[c])) sum_s += s[c], sum_t += t[c], ++both;
     mean_s = T(sum_s) / T(std::max<int64_t>(both, 1)), mean_t = T(sum_t) / T(std::max<int64_t>(both, 1));
   }
-  w.ranked.clear();
-  for (int64_t c = 0; c < C; ++c) {
+  w.ranked.resize(C);
+  int64_t n = 0;
+  for (int64_t c = 0; c < C; ++c) {  // every class written, the live ones kept: no branch on the data
     bool s_inf = std::isinf(s[c]), t_inf = std::isinf(t[c]);
-    if (s_inf && t_inf) continue;  // absent
     T key = 0;  // rank_by "none": class index order
     if (o.rank_by == RANK_ABS_DIFF)  // one side -inf: ranks first
       key = (s_inf || t_inf) ? T(INFINITY) : std::fabs(T(t[c] - mean_t) - T(s[c] - mean_s));
     else if (o.rank_by == RANK_TEACHER)
       key = t_inf ? std::numeric_limits<T>::lowest() : t[c];
-    w.ranked.push_back(rank_key(key, c));
+    w.ranked[n] = rank_key(key, c);
+    n += !(s_inf && t_inf);  // both -inf: absent
   }
-  int64_t n = w.ranked.size();
   w.cuts.clear();  // every stage's interior boundaries, then n: atom k ends at cuts[k]
   for (int64_t i = 0; i < o.stages; ++i)
     for (int64_t j = 1; j < o.groups[i]; ++j) w.cuts.push_back(group_start(n, o.groups[i], j));
@@ -123,31 +123,57 @@ int64_t rank_classes(const T* s, const T* t, int64_t C, const Options& o, Work<T
   return n;
 }
 
-// (3) per class a = s/T, b = t/T, e = exp(z/T - atom max), u = a - m_s; per atom its maxima and sums
+// exp(x) for x <= 0 in float32 as a polynomial the compiler vectorises (expf is a call per element): x = n ln2
+// + r with |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial (relative error about 1e-7, as expf's), times 2^n
+// written into the exponent bits; below -87.3 (the smallest normal float) and at -inf, 0.
+inline float exp_neg(float x) {
+  float xc = std::max(x, -87.3f);
+  int32_t n = int32_t(xc * 1.44269504f - 0.5f);  // round(x / ln2): x <= 0, truncation goes up
+  float r = (xc - float(n) * 0.693359375f) + float(n) * 2.12194440e-4f;  // ln2 in two parts: r exact
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f, p = p * r + 8.3334519073e-3f, p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f, p = p * r + 5.0000001201e-1f;
+  float y = (p * r * r + r) + 1.0f;
+  return x >= -87.3f ? y * std::bit_cast<float>((n + 127) << 23) : 0.0f;
+}
+inline double exp_neg(double x) { return std::exp(x); }
+
+// e_s = exp(a - m_s), e_t = exp(b - m_t): no sums and no aliasing, so that the loop vectorises
+template <typename T>
+void shifted_exps(const T* __restrict a, const T* __restrict b, T m_s, T m_t, int64_t len, T* __restrict e_s,
+                  T* __restrict e_t) {
+  for (int64_t p = 0; p < len; ++p) e_s[p] = exp_neg(a[p] - m_s), e_t[p] = exp_neg(b[p] - m_t);
+}
+
+// (3) per class a = s/T, b = t/T and e = exp(z/T - atom max) in the logits' precision (for float32 half the
+// memory traffic, and exp_neg); per atom its maxima and the sums in float64, where u = a - m_s and b - a are exact
 template <typename T>
 void atom_sums(const T* s, const T* t, int64_t n, const Options& o, Work<T>& w) {
   int64_t atoms = w.cuts.size();
-  w.index.resize(n), w.a.resize(n), w.b.resize(n), w.e_s.resize(n), w.e_t.resize(n), w.u.resize(n);
+  w.index.resize(n), w.a.resize(n), w.b.resize(n), w.e_s.resize(n), w.e_t.resize(n);
   w.m_s.assign(atoms, 0.0), w.m_t.assign(atoms, 0.0), w.sums.assign(atoms * SUMS, 0.0);
+  const T inv_t = T(1 / o.temperature), neg_inf = -std::numeric_limits<T>::infinity();
   int64_t lo = 0;
-  double inv_t = 1 / o.temperature;
   for (int64_t k = 0; k < atoms; lo = w.cuts[k++]) {
-    double top_s = NEG_INF, top_t = NEG_INF;
+    T top_s = neg_inf, top_t = neg_inf;
     for (int64_t p = lo; p < w.cuts[k]; ++p) {
       int64_t c = w.index[p] = class_of<T>(w.ranked[p]);
-      w.a[p] = double(s[c]) * inv_t;
-      w.b[p] = std::isinf(t[c]) ? NEG_INF : double(t[c]) * inv_t;
+      w.a[p] = s[c] * inv_t, w.b[p] = t[c] * inv_t;  // -inf stays -inf
       top_s = std::max(top_s, w.a[p]), top_t = std::max(top_t, w.b[p]);
     }
-    double m_s = w.m_s[k] = std::isinf(top_s) ? 0.0 : top_s;  // 0: an empty atom, or one without teacher mass
-    double m_t = w.m_t[k] = std::isinf(top_t) ? 0.0 : top_t;
-    double* sum = &w.sums[k * SUMS];
+    T m_s = std::isinf(top_s) ? T(0) : top_s, m_t = std::isinf(top_t) ? T(0) : top_t;  // 0: no (teacher) mass
+    w.m_s[k] = m_s, w.m_t[k] = m_t;
+    shifted_exps(&w.a[lo], &w.b[lo], m_s, m_t, w.cuts[k] - lo, &w.e_s[lo], &w.e_t[lo]);
+    double sum[SUMS] = {};
     for (int64_t p = lo; p < w.cuts[k]; ++p) {
-      double u = w.u[p] = w.a[p] - m_s, e_s = w.e_s[p] = std::exp(u), e_t = w.e_t[p] = std::exp(w.b[p] - m_t);
-      sum[Z_S] += e_s, sum[U] += u, sum[UU] += u * u, sum[Z_T] += e_t, sum[T_U] += e_t * u, sum[T_T] += e_t * e_t;
-      if (e_t > 0) sum[T_DIFF] += e_t * (w.b[p] - w.a[p]);
-      if (o.prob_cos) sum[S_S] += e_s * e_s, sum[S_T] += e_s * e_t;
+      double u = double(w.a[p]) - m_s;  // exact: a and m_s are both in the logits' precision
+      T e_s = w.e_s[p], e_t = w.e_t[p];
+      double diff = e_t > 0 ? double(w.b[p]) - w.a[p] : 0.0;  // b - a is -inf where the teacher is
+      sum[Z_S] += e_s, sum[U] += u, sum[UU] += u * u, sum[Z_T] += e_t, sum[T_DIFF] += e_t * diff;
+      sum[T_U] += double(e_t) * u, sum[T_T] += double(e_t) * e_t;
+      if (o.prob_cos) sum[S_S] += double(e_s) * e_s, sum[S_T] += double(e_s) * e_t;
     }
+    std::copy(sum, sum + SUMS, &w.sums[k * SUMS]);
   }
 }
 
@@ -242,24 +268,24 @@ void one_row(const T* s, const T* t, int64_t C, const Options& o, Work<T>& w, T*
   int64_t p = 0;
   for (int64_t k = 0; k < atoms; ++k)
     for (const double* coef = &w.coef[k * 4]; p < w.cuts[k]; ++p) {
-      double x = o.prob_cos ? w.e_s[p] * (coef[0] + coef[2] * w.e_s[p] + coef[3] * w.e_t[p]) + coef[1] * w.e_t[p]
-                            : coef[0] * w.e_s[p] + coef[1] * w.e_t[p] + coef[2] * w.u[p] + coef[3];
+      double e_s = w.e_s[p], e_t = w.e_t[p], u = double(w.a[p]) - w.m_s[k];
+      double x = o.prob_cos ? e_s * (coef[0] + coef[2] * e_s + coef[3] * e_t) + coef[1] * e_t
+                            : coef[0] * e_s + coef[1] * e_t + coef[2] * u + coef[3];
       grad[w.index[p]] = T(x * scale);
     }
 }
 
 template <typename T>
 void rows(const T* s, const T* t, int64_t R, int64_t C, const Options& o, T* loss, T* grad, int64_t threads) {
-  auto block = [&](int64_t lo, int64_t hi) {
+  // OpenMP: loaded after torch, the library's libgomp.so.1 is torch's own, so these are torch's threads (fresh
+  // std::threads had to share the cores with torch's, still spinning after its last parallel loop)
+#pragma omp parallel num_threads(std::max<int64_t>(1, std::min(threads, R)))
+  {
     Work<T> w;
-    for (int64_t r = lo; r < hi; ++r)
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; ++r)
       one_row(s + r * C, t + r * C, C, o, w, loss + r, o.want_grad ? grad + r * C : nullptr);
-  };
-  threads = std::max<int64_t>(1, std::min(threads, R));
-  std::vector<std::thread> pool;
-  for (int64_t i = 1; i < threads; ++i) pool.emplace_back(block, R * i / threads, R * (i + 1) / threads);
-  block(0, R / threads);
-  for (auto& th : pool) th.join();
+  }
 }
 
 }  // namespace

@@ -143,7 +143,7 @@ def _row_spec(device: torch.device, num_classes: int, stage_groups: list[int], a
     elif _backend == "auto" and device.type == "cpu":
         from . import _pcd_native
         if _pcd_native.available():
-            return _pcd_native.cpu_rows, _pcd_native.WORK_ARRAYS, SPEED_CHUNK
+            return _pcd_native.cpu_rows, _pcd_native.WORK_ARRAYS, _pcd_native.CHUNK_LOGITS
     return pcd_rows, WORK_ARRAYS, SPEED_CHUNK
 
 
