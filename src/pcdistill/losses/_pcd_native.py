@@ -88,14 +88,17 @@ def available() -> bool:
 
 
 def pcd_rows_native(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: float, temperature: float,
-                    adaptive: bool, rank_by: str, want_grad: bool, weight: str = "log_prob_cos"):
+                    adaptive: bool, rank_by: str, want_grad: bool, weight: str = "log_prob_cos",
+                    out: torch.Tensor | None = None):
     """``_pcd_rows.pcd_rows``'s loss and gradient by the native kernel (float32 or float64 CPU tensors;
-    :func:`library` must not be None)."""
+    :func:`library` must not be None); the gradient is written into ``out`` if given (contiguous, ``s``'s shape and dtype)."""
     fn = library().pcd_rows_f64 if s.dtype == torch.float64 else library().pcd_rows_f32
     s, t = s.contiguous(), t.contiguous()
     rows, num_classes = s.shape
     loss = s.new_empty(rows)
-    grad = s.new_empty(rows, num_classes) if want_grad else None
+    grad = None if not want_grad else s.new_empty(rows, num_classes) if out is None else out
+    if want_grad and not (grad.is_contiguous() and grad.shape == s.shape and grad.dtype == s.dtype):
+        raise ValueError(f"out must be a contiguous {s.dtype} tensor of shape {tuple(s.shape)}")
     groups = torch.tensor(stage_groups, dtype=torch.int64)
     threads = min(torch.get_num_threads(), max(1, rows * num_classes // LOGITS_PER_THREAD))
     fn(s.data_ptr(), t.data_ptr(), rows, num_classes, groups.data_ptr(), len(stage_groups), factor, temperature,
@@ -118,9 +121,12 @@ def _(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, wei
 
 
 def cpu_rows(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: float, temperature: float,
-             adaptive: bool, rank_by: str, want_grad: bool, weight: str = "log_prob_cos"):
+             adaptive: bool, rank_by: str, want_grad: bool, weight: str = "log_prob_cos",
+             out: torch.Tensor | None = None):
     """The row function ``pcd.py`` runs on the CPU: the kernel, through the custom op inside a compiled graph."""
     if not torch.compiler.is_compiling():  # the op is for the graph; eager skips its dispatch
-        return pcd_rows_native(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
+        return pcd_rows_native(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight, out)
     loss, grad = pcd_rows_op(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
+    if out is not None:
+        grad = out.copy_(grad)
     return loss, grad if want_grad else None

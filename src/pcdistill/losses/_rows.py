@@ -6,7 +6,8 @@ asked, the gradient of each row's loss w.r.t. that row of student logits, in clo
 :func:`rows_and_grads` calls it chunk by chunk (:class:`RowLoss` for autograd; the fused output-layer loss
 directly), so only one chunk's work arrays exist at a time, and keeps
 the gradient (in the student's dtype) for the backward pass, which multiplies it by the incoming
-per-row weights. Peak extra memory is therefore one logits-sized gradient, the returned gradient in
+per-row weights (a row function that can, PCD's native rows, writes each chunk's gradient straight into
+that kept one). Peak extra memory is therefore one logits-sized gradient, the returned gradient in
 backward, and one chunk's workspace (:func:`set_memory_budget`). Everything is plain torch with no
 data-dependent Python control flow, so the whole call traces into one ``torch.compile`` graph and
 forces no host-device sync.
@@ -105,6 +106,7 @@ class RowSpec:
     work_arrays: int
     standardize: bool = False
     chunk_logits: int = SPEED_CHUNK  # at most, per chunk: more for a row function whose calls cost more than its passes
+    grad_into: bool = False  # fn also takes out=: it writes a chunk's gradient into the kept one, with no copy
 
 
 def _chunk(spec: RowSpec, student, teacher, valid, class_mask, dtype, extra, want_grad):
@@ -133,8 +135,13 @@ def rows_and_grads(student, teacher, spec: RowSpec, dtype: torch.dtype, valid=No
         return loss if loss.dtype == dtype else loss.to(dtype), g
     out = torch.empty(rows, dtype=dtype, device=student.device)
     grad = torch.empty_like(student) if want_grad else None
+    direct = want_grad and spec.grad_into and not spec.standardize and valid is None and student.dtype == dtype
     for start in range(0, rows, step):
         stop = min(start + step, rows)
+        if direct:
+            s, t = prepare_rows(student[start:stop], teacher[start:stop], None, class_mask, dtype)
+            out[start:stop] = spec.fn(s, t, tuple(x[start:stop] for x in extra), True, out=grad[start:stop])[0]
+            continue
         keep = None if valid is None else valid[start:stop]
         out[start:stop], g = _chunk(spec, student[start:stop], teacher[start:stop], keep, class_mask, dtype,
                                     tuple(x[start:stop] for x in extra), want_grad)

@@ -194,10 +194,11 @@ def pcd_row_spec(num_classes: int, device: torch.device, *, temperature: float =
     stage_groups, factor = stage_sequence(stages, schedule, progress)
     fn, work_arrays, chunk_logits = _row_spec(torch.device(device), num_classes, stage_groups, adaptive, weight)
 
-    def rows(s, t, extra, want_grad):
-        return fn(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
+    def rows(s, t, extra, want_grad, **out):  # out=: the native rows write the gradient where told
+        return fn(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight, **out)
 
-    return RowSpec(rows, work_arrays=work_arrays, standardize=standardize, chunk_logits=chunk_logits)
+    return RowSpec(rows, work_arrays=work_arrays, standardize=standardize, chunk_logits=chunk_logits,
+                   grad_into=fn.__name__ == "cpu_rows")
 
 
 def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 4.0,
