@@ -53,7 +53,7 @@ enum Sum { Z_S, U, UU, Z_T, T_DIFF, T_U, T_T, S_S, S_T, SUMS };
 template <typename T>
 struct Work {  // one thread's arrays, reused row after row
   std::vector<Key<T>> ranked;  // live classes in rank order (after rank_classes: each atom's together)
-  std::vector<int64_t> cuts, index;
+  std::vector<int64_t> cuts;
   std::vector<T> a, b, e_s, e_t;  // per class in rank order, in the logits' precision (as the torch rows)
   std::vector<double> m_s, m_t, sums, coef;  // per atom
 };
@@ -150,14 +150,14 @@ void shifted_exps(const T* __restrict a, const T* __restrict b, T m_s, T m_t, in
 template <typename T>
 void atom_sums(const T* s, const T* t, int64_t n, const Options& o, Work<T>& w) {
   int64_t atoms = w.cuts.size();
-  w.index.resize(n), w.a.resize(n), w.b.resize(n), w.e_s.resize(n), w.e_t.resize(n);
+  w.a.resize(n), w.b.resize(n), w.e_s.resize(n), w.e_t.resize(n);
   w.m_s.assign(atoms, 0.0), w.m_t.assign(atoms, 0.0), w.sums.assign(atoms * SUMS, 0.0);
   const T inv_t = T(1 / o.temperature), neg_inf = -std::numeric_limits<T>::infinity();
   int64_t lo = 0;
   for (int64_t k = 0; k < atoms; lo = w.cuts[k++]) {
     T top_s = neg_inf, top_t = neg_inf;
     for (int64_t p = lo; p < w.cuts[k]; ++p) {
-      int64_t c = w.index[p] = class_of<T>(w.ranked[p]);
+      int64_t c = class_of<T>(w.ranked[p]);
       w.a[p] = s[c] * inv_t, w.b[p] = t[c] * inv_t;  // -inf stays -inf
       top_s = std::max(top_s, w.a[p]), top_t = std::max(top_t, w.b[p]);
     }
@@ -263,7 +263,7 @@ void one_row(const T* s, const T* t, int64_t C, const Options& o, Work<T>& w, T*
   }
   *loss = T(o.factor * total);
   if (!o.want_grad) return;
-  std::fill(grad, grad + C, T(0));  // (5); absent classes keep 0
+  if (n < C) std::fill(grad, grad + C, T(0));  // (5); absent classes keep 0
   double scale = o.factor / o.temperature;
   int64_t p = 0;
   for (int64_t k = 0; k < atoms; ++k)
@@ -271,7 +271,7 @@ void one_row(const T* s, const T* t, int64_t C, const Options& o, Work<T>& w, T*
       double e_s = w.e_s[p], e_t = w.e_t[p], u = double(w.a[p]) - w.m_s[k];
       double x = o.prob_cos ? e_s * (coef[0] + coef[2] * e_s + coef[3] * e_t) + coef[1] * e_t
                             : coef[0] * e_s + coef[1] * e_t + coef[2] * u + coef[3];
-      grad[w.index[p]] = T(x * scale);
+      grad[class_of<T>(w.ranked[p])] = T(x * scale);
     }
 }
 
@@ -281,7 +281,7 @@ void rows(const T* s, const T* t, int64_t R, int64_t C, const Options& o, T* los
   // std::threads had to share the cores with torch's, still spinning after its last parallel loop)
 #pragma omp parallel num_threads(std::max<int64_t>(1, std::min(threads, R)))
   {
-    Work<T> w;
+    thread_local Work<T> w;  // kept from call to call: its arrays grow once, not every chunk
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < R; ++r)
       one_row(s + r * C, t + r * C, C, o, w, loss + r, o.want_grad ? grad + r * C : nullptr);
