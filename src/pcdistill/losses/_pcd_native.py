@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ._pcd_rows import pcd_rows
+
 SOURCE = Path(__file__).with_suffix(".cpp")
 # no fused multiply-adds (-ffp-contract=off): the priority keys round, and tie, as torch computes them;
 # -fno-trapping-math lets selects compute both sides, so that the exp loop vectorises (no FP exception is read)
@@ -80,10 +82,8 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-@torch.compiler.assume_constant_result
 def available() -> bool:
-    """Whether the kernel is built (building it on first use); a constant to ``torch.compile``, which calls it
-    once while tracing instead of tracing the build."""
+    """Whether the kernel is built (building it on first use)."""
     return library() is not None
 
 
@@ -110,8 +110,10 @@ def pcd_rows_native(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], f
 @torch.library.custom_op("pcdistill::pcd_rows", mutates_args=(), device_types="cpu")
 def pcd_rows_op(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], factor: float, temperature: float,
                 adaptive: bool, rank_by: str, want_grad: bool, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`pcd_rows_native` as one graph node; without ``want_grad`` the gradient is an empty tensor."""
-    loss, grad = pcd_rows_native(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
+    """:func:`pcd_rows_native` (the torch rows where it cannot be built) as one graph node; without ``want_grad``
+    the gradient is an empty tensor."""
+    rows_fn = pcd_rows_native if available() else pcd_rows
+    loss, grad = rows_fn(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight)
     return loss, grad if grad is not None else s.new_empty(0)
 
 

@@ -142,7 +142,9 @@ def _row_spec(device: torch.device, num_classes: int, stage_groups: list[int], a
             return pcd_rows_triton, WORK_ARRAYS, SPEED_CHUNK
     elif _backend == "auto" and device.type == "cpu":
         from . import _pcd_native
-        if _pcd_native.available():
+        # a graph being compiled holds the op, which builds the kernel when it first runs (tracing the build
+        # would fail, and torch.compiler.assume_constant_result imports dynamo for every eager user: 1 s, 150 MiB)
+        if torch.compiler.is_compiling() or _pcd_native.available():
             return _pcd_native.cpu_rows, _pcd_native.WORK_ARRAYS, _pcd_native.CHUNK_LOGITS
     return pcd_rows, WORK_ARRAYS, SPEED_CHUNK
 
