@@ -1,6 +1,8 @@
 """Vanilla logit knowledge distillation."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_logits, check_positive_finite,
@@ -13,7 +15,7 @@ def _kd_terms(log_p_s, log_p_t, temperature: float, want_grad: bool, masked: boo
     log_ratio = log_p_t.sub_(log_p_s)
     if masked:
         log_ratio.masked_fill_(p_t == 0, 0.0)  # 0 log 0 = 0, as F.kl_div; NaN stays NaN
-    loss = torch.linalg.vecdot(log_ratio, p_t) * temperature**2
+    loss = torch.linalg.vecdot(log_ratio, p_t).mul_(temperature**2)
     grad = log_p_s.exp_().sub_(p_t).mul_(temperature) if want_grad else None
     return loss, grad
 
@@ -24,7 +26,7 @@ def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: boo
         # every masked class or row of only -inf makes some row NaN unguarded: only then the guarded pass
         loss, grad = _kd_terms(torch.log_softmax(s / temperature, -1), torch.log_softmax(t / temperature, -1),
                                temperature, want_grad, masked=False)
-        if not torch.isnan(loss).any():
+        if not math.isnan(loss.sum().item()):  # one read: rows are finite or +inf, only NaN sums to NaN
             return loss, grad
     return _kd_terms(log_softmax_rows(s / temperature), log_softmax_rows(t / temperature), temperature, want_grad,
                      masked=True)
