@@ -1,11 +1,10 @@
-// PCD's rows on the CPU, one row at a time in float64: the algorithm of _pcd_rows.py (read its docstring),
+// PCD's rows on the CPU, one row at a time, sums in float64: the algorithm of _pcd_rows.py (read its docstring),
 // written as loops. _pcd_native.py compiles this file and explains when it runs.
 //
-// Per row: (1) the row's flags (NaN, +inf, live classes); (2) the live classes ranked by a selection:
-// std::nth_element at each atom's end (std::sort when there are many atoms), so each atom's classes lie
-// together; (3) per atom its maxima and seven or nine shifted sums; (4) per stage and group the group's
-// statistics from its atoms' sums, adding the loss and four gradient coefficients per atom;
-// (5) the gradient, one pass over the classes.
+// Per row: (1) the row's flags (NaN, +inf, live classes); (2) the live classes ranked by a selection at every
+// atom boundary at once (select_at), so each atom's classes lie together; (3) per atom its maxima and seven
+// or nine shifted sums; (4) per stage and group the group's statistics from its atoms' sums, adding the loss
+// and four gradient coefficients per atom; (5) the gradient, one pass over the classes.
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -282,7 +281,9 @@ void rows(const T* s, const T* t, int64_t R, int64_t C, const Options& o, T* los
 #pragma omp parallel num_threads(std::max<int64_t>(1, std::min(threads, R)))
   {
     thread_local Work<T> w;  // kept from call to call: its arrays grow once, not every chunk
-#pragma omp for schedule(static)
+    // rows handed out in small batches as threads come free: a core taken by another process (a VM's
+    // neighbour) slows the call by its share, not by half
+#pragma omp for schedule(dynamic, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(C, 1)))
     for (int64_t r = 0; r < R; ++r)
       one_row(s + r * C, t + r * C, C, o, w, loss + r, o.want_grad ? grad + r * C : nullptr);
   }

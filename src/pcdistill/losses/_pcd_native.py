@@ -36,9 +36,7 @@ FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-std=c++20", "-share
 RANK_BY = {"abs_diff": 0, "teacher": 1, "none": 2}
 LOGITS_PER_THREAD = 2**14  # below, waking a thread costs more than its share of the rows
 WORK_ARRAYS = 3  # (rows, C)-sized arrays per chunk: the prepared inputs and the gradient (the kernel's are per row)
-# chunks as large as the budget allows: between two calls torch's own copies wake its OpenMP threads, whose
-# spinning afterwards took a core from the kernel's threads (103 chunks at 1,024 x 49,152: 950 ms, not 600)
-CHUNK_LOGITS = 2**31
+CHUNK_LOGITS = 2**31  # chunks as large as the budget allows: each writes its gradient straight into the kept one
 
 
 def kernel_dir() -> Path:
