@@ -15,6 +15,7 @@ from pcdistill import losses
 from pcdistill.losses import (DISTLoss, DKDLoss, JSDLoss, KDLoss, PCDLoss, RKLLoss, TVDLoss, call_loss, dist_loss,
                               dkd_loss, get_method, jsd_loss, kd_loss, list_methods, pcd_loss, rkl_loss,
                               standardize_logits, tvd_loss)
+from pcdistill.losses import _pcd_native as pcd_native
 from pcdistill.losses import _pcd_rows as kernel
 from pcdistill.losses import _rows as rows_module
 from pcdistill.losses import pcd as pcd_module
@@ -515,10 +516,11 @@ def test_backend_choice():
     """CPU: the native rows by default; the plain-torch rows when asked, and for the Triton backend's
     weight="prob_cos" (the kernel sums what the default weight needs only). Never Triton unless asked."""
     cpu = torch.device("cpu")
-    assert pcd_module._row_spec(cpu, 10, [1, 2, 3], True, "log_prob_cos")[0].__name__ == "cpu_rows"
+    fn, _, _, grad_into = pcd_module._row_spec(cpu, 10, [1, 2, 3], True, "log_prob_cos")
+    assert fn is pcd_native.cpu_rows and grad_into  # it writes each chunk's gradient into the kept one
     try:
         losses.set_pcd_backend("torch")
-        assert pcd_module._row_spec(cpu, 10, [1, 2, 3], True, "log_prob_cos")[0] is kernel.pcd_rows
+        assert pcd_module._row_spec(cpu, 10, [1, 2, 3], True, "log_prob_cos")[::3] == (kernel.pcd_rows, False)
         losses.set_pcd_backend("triton")
         assert pcd_module._row_spec(cpu, 10, [1, 2, 3], True, "prob_cos")[0] is kernel.pcd_rows
         assert pcd_module._row_spec(cpu, 4, [1, 2, 3, 4], True, "log_prob_cos")[0] is kernel.pcd_rows

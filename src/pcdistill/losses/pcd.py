@@ -134,19 +134,20 @@ def set_pcd_backend(name: str) -> None:
 
 
 def _row_spec(device: torch.device, num_classes: int, stage_groups: list[int], adaptive: bool, weight: str):
-    """The row function for the current backend, its work arrays and its largest chunk (see :func:`set_pcd_backend`)."""
+    """The row function for the current backend, its work arrays, its largest chunk and whether it writes the
+    gradient where told (``out=``; see :func:`set_pcd_backend`)."""
     if _backend == "triton":
         few_atoms = sum(g - 1 for g in set(stage_groups)) < num_classes  # else rank positions as atoms
         if few_atoms and not (adaptive and weight == "prob_cos"):
             from ._pcd_triton import pcd_rows_triton
-            return pcd_rows_triton, WORK_ARRAYS, SPEED_CHUNK
+            return pcd_rows_triton, WORK_ARRAYS, SPEED_CHUNK, False
     elif _backend == "auto" and device.type == "cpu":
         from . import _pcd_native
         # a graph being compiled holds the op, which builds the kernel when it first runs (tracing the build
         # would fail, and torch.compiler.assume_constant_result imports dynamo for every eager user: 1 s, 150 MiB)
         if torch.compiler.is_compiling() or _pcd_native.available():
-            return _pcd_native.cpu_rows, _pcd_native.WORK_ARRAYS, _pcd_native.CHUNK_LOGITS
-    return pcd_rows, WORK_ARRAYS, SPEED_CHUNK
+            return _pcd_native.cpu_rows, _pcd_native.WORK_ARRAYS, _pcd_native.CHUNK_LOGITS, True
+    return pcd_rows, WORK_ARRAYS, SPEED_CHUNK, False
 
 
 def _check_stages(stages, num_classes: int) -> int:
@@ -194,13 +195,14 @@ def pcd_row_spec(num_classes: int, device: torch.device, *, temperature: float =
     stages, temperature, progress = _check_all(num_classes, temperature, stages, schedule, progress, rank_by,
                                                adaptive, standardize, "paper", weight)
     stage_groups, factor = stage_sequence(stages, schedule, progress)
-    fn, work_arrays, chunk_logits = _row_spec(torch.device(device), num_classes, stage_groups, adaptive, weight)
+    fn, work_arrays, chunk_logits, grad_into = _row_spec(torch.device(device), num_classes, stage_groups, adaptive,
+                                                         weight)
 
     def rows(s, t, extra, want_grad, **out):  # out=: the native rows write the gradient where told
         return fn(s, t, stage_groups, factor, temperature, adaptive, rank_by, want_grad, weight, **out)
 
     return RowSpec(rows, work_arrays=work_arrays, standardize=standardize, chunk_logits=chunk_logits,
-                   grad_into=fn.__name__ == "cpu_rows")
+                   grad_into=grad_into)
 
 
 def pcd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 4.0,
