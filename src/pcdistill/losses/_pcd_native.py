@@ -89,7 +89,8 @@ def pcd_rows_native(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], f
                     adaptive: bool, rank_by: str, want_grad: bool, weight: str = "log_prob_cos",
                     out: torch.Tensor | None = None):
     """``_pcd_rows.pcd_rows``'s loss and gradient by the native kernel (float32 or float64 CPU tensors;
-    :func:`library` must not be None); the gradient is written into ``out`` if given (contiguous, ``s``'s shape and dtype)."""
+    :func:`library` must not be None); the gradient is written into ``out`` if given (contiguous, ``s``'s
+    shape and dtype)."""
     fn = library().pcd_rows_f64 if s.dtype == torch.float64 else library().pcd_rows_f32
     s, t = s.contiguous(), t.contiguous()
     rows, num_classes = s.shape
