@@ -9,7 +9,7 @@ For a chunk of rows (see docs/method.md, "How it is computed"):
 3. One ``scatter_add`` gives seven sums per atom (nine for ``weight="prob_cos"``; exponentials shifted by
    the atom's maximum); every group statistic of every stage (log-sum-exp, KL, the cosine's dot product
    and norms) is combined from them on small ``(rows, stages * atoms)`` arrays in float64
-   (:func:`combine_atoms`, shared with the CPU and Triton paths).
+   (:func:`combine_atoms`, shared with the Triton path; the CPU kernel, ``_pcd_native.cpp``, does it in loops).
 4. The gradient of ``w_G KL_G`` w.r.t. a class is a combination of four per-class arrays with per-atom
    coefficients summed over the stages (``e_s P + e_t Q + u R + S``), so it is one more pass, whatever
    the number of stages.
