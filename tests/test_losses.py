@@ -458,6 +458,21 @@ def test_rows_with_empty_atoms_in_groups_far_below_zero_match_the_reference(back
         torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-9)
 
 
+def test_an_atom_without_teacher_mass_beside_teacher_logits_far_below_zero_changes_nothing(backend):
+    """Four teacher-only -inf classes rank first and fill an atom without teacher mass (its maximum set to 0);
+    the rest of the teacher row sits near -3000 / T. Adding a constant to a row changes nothing (METHOD.md),
+    so the rows must give what they give 3000 higher. The kernel summed that atom's 0 * exp(0 - top) = 0 * inf
+    and returned a wrong loss (-24954 for one such row) until its group sums skipped atoms without mass."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 12, generator=g, dtype=torch.float64).requires_grad_(True)
+    t = torch.randn(2, 12, generator=g, dtype=torch.float64)
+    t[:, :4] = float("-inf")
+    want, g_want = value_and_grad(lambda s, t: pcd_loss(s, t, temperature=1.0, stages=3), s, t)
+    got, g_got = value_and_grad(lambda s, t: pcd_loss(s, t, temperature=1.0, stages=3), s, t - 3000.0)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-9)
+
+
 def test_native_rows_group_classes_as_the_stable_sort():
     """The selection puts each class in the group the stable descending sort (ties to the lower class index)
     puts it in: keys with many ties, -0.0 and masked classes, checked through a loss that sees only the groups

@@ -185,10 +185,10 @@ double group_loss(int64_t first, int64_t last, const Options& o, Work<T>& w) {
     if (w.sums[k * SUMS + Z_T] > 0) top_t = std::max(top_t, w.m_t[k]);
   }
   top_s = std::isinf(top_s) ? 0.0 : top_s, top_t = std::isinf(top_t) ? 0.0 : top_t;
-  double total_s = 0, total_t = 0;
+  double total_s = 0, total_t = 0;  // an atom without mass has m = 0, whose exp(m - top) may be inf: never inf * 0
   for (int64_t k = first; k < last; ++k) {
-    total_s += w.sums[k * SUMS + Z_S] * std::exp(w.m_s[k] - top_s);
-    total_t += w.sums[k * SUMS + Z_T] * std::exp(w.m_t[k] - top_t);
+    if (w.sums[k * SUMS + Z_S] > 0) total_s += w.sums[k * SUMS + Z_S] * std::exp(w.m_s[k] - top_s);
+    if (w.sums[k * SUMS + Z_T] > 0) total_t += w.sums[k * SUMS + Z_T] * std::exp(w.m_t[k] - top_t);
   }
   double lse_s = top_s + std::log(total_s > 0 ? total_s : 1.0), lse_t = top_t + std::log(total_t > 0 ? total_t : 1.0);
   // within atom k: q_s = ws e_s, q_t = wt e_t, log q_s = u + delta
