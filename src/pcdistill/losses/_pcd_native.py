@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from pcdistill.cache import cache_root
+
 from ._pcd_rows import pcd_rows
 
 SOURCE = Path(__file__).with_suffix(".cpp")
@@ -37,10 +39,6 @@ RANK_BY = {"abs_diff": 0, "teacher": 1, "none": 2}
 LOGITS_PER_THREAD = 2**14  # below, waking a thread costs more than its share of the rows
 WORK_ARRAYS = 3  # (rows, C)-sized arrays per chunk: the prepared inputs and the gradient (the kernel's are per row)
 CHUNK_LOGITS = 2**31  # chunks as large as the budget allows: each writes its gradient straight into the kept one
-
-
-def kernel_dir() -> Path:
-    return Path(os.environ.get("PCDISTILL_CACHE") or Path.home() / ".cache" / "pcdistill") / "kernels"
 
 
 def _compile(compiler: str, path: Path) -> None:
@@ -62,7 +60,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernel (built on first use), or None where it cannot be built (a warning says why)."""
     compiler = os.environ.get("CXX", "c++")
     tag = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS, platform.machine())).encode())
-    path = kernel_dir() / f"pcd_native-{tag.hexdigest()[:16]}.so"
+    path = cache_root() / "kernels" / f"pcd_native-{tag.hexdigest()[:16]}.so"
     try:
         if not path.exists():
             _compile(compiler, path)
@@ -74,7 +72,7 @@ def library() -> ctypes.CDLL | None:
         return None
     for fn in (lib.pcd_rows_f32, lib.pcd_rows_f64):
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64),
                        ctypes.c_int64, ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     return lib
@@ -91,16 +89,17 @@ def pcd_rows_native(s: torch.Tensor, t: torch.Tensor, stage_groups: list[int], f
     """``_pcd_rows.pcd_rows``'s loss and gradient by the native kernel (float32 or float64 CPU tensors;
     :func:`library` must not be None); the gradient is written into ``out`` if given (contiguous, ``s``'s
     shape and dtype)."""
-    fn = library().pcd_rows_f64 if s.dtype == torch.float64 else library().pcd_rows_f32
+    lib = library()
+    fn = lib.pcd_rows_f64 if s.dtype == torch.float64 else lib.pcd_rows_f32
     s, t = s.contiguous(), t.contiguous()
     rows, num_classes = s.shape
     loss = s.new_empty(rows)
     grad = None if not want_grad else s.new_empty(rows, num_classes) if out is None else out
     if want_grad and not (grad.is_contiguous() and grad.shape == s.shape and grad.dtype == s.dtype):
         raise ValueError(f"out must be a contiguous {s.dtype} tensor of shape {tuple(s.shape)}")
-    groups = torch.tensor(stage_groups, dtype=torch.int64)
+    groups = (ctypes.c_int64 * len(stage_groups))(*stage_groups)
     threads = min(torch.get_num_threads(), max(1, rows * num_classes // LOGITS_PER_THREAD))
-    fn(s.data_ptr(), t.data_ptr(), rows, num_classes, groups.data_ptr(), len(stage_groups), factor, temperature,
+    fn(s.data_ptr(), t.data_ptr(), rows, num_classes, groups, len(stage_groups), factor, temperature,
        adaptive, weight == "prob_cos", RANK_BY[rank_by], want_grad, loss.data_ptr(),
        grad.data_ptr() if want_grad else None, threads)
     return loss, grad
