@@ -403,7 +403,7 @@ def test_native_rows_agree_with_the_sort_rows():
     """``_pcd_native.pcd_rows_native`` (selection, loops) against ``_pcd_rows.pcd_rows`` (sort, scatters): every
     option and rule, float64 and float32, ties across the cuts, atoms that underflow when shifted by the row's
     maximum, K near C (every rank position its own atom), rows long enough for two threads."""
-    from pcdistill.losses._pcd_native import pcd_rows_native
+    pcd_rows_native = pcd_native.pcd_rows_native
     cases = [("abs_diff", True, "log_prob_cos", torch.float64), ("teacher", True, "prob_cos", torch.float64),
              ("none", False, "log_prob_cos", torch.float64), ("abs_diff", True, "prob_cos", torch.float32),
              ("teacher", True, "log_prob_cos", torch.float32), ("abs_diff", False, "log_prob_cos", torch.float32)]
@@ -475,9 +475,8 @@ def test_an_atom_without_teacher_mass_beside_teacher_logits_far_below_zero_chang
 
 def test_native_rows_group_classes_as_the_stable_sort():
     """The selection puts each class in the group the stable descending sort (ties to the lower class index)
-    puts it in: keys with many ties, -0.0 and masked classes, checked through a loss that sees only the groups
-    (K = C: every group one class, whose KL is 0; K = 2 with a teacher that puts all mass on one class)."""
-    from pcdistill.losses._pcd_native import pcd_rows_native
+    puts it in: keys with many ties, -0.0 and masked classes, checked through each row's loss and gradient,
+    which change when a class changes group."""
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.float64):
         t = torch.randint(-3, 4, (7, 50), generator=g).to(dtype)
@@ -489,18 +488,17 @@ def test_native_rows_group_classes_as_the_stable_sort():
             for rank_by in ("teacher", "abs_diff"):
                 args = (s, t, groups, 1.0, 2.0, True, rank_by, True, "prob_cos")
                 want, g_want = kernel.pcd_rows(*args)
-                got, g_got = pcd_rows_native(*args)
+                got, g_got = pcd_native.pcd_rows_native(*args)
                 torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
                 torch.testing.assert_close(g_got, g_want, rtol=2e-5, atol=1e-6)
 
 
 def test_without_a_compiler_pcd_runs_the_torch_rows(monkeypatch, tmp_path):
     """Where the kernel cannot be built: one warning that names the compiler and the folder, then the torch
-    rows (same loss); a later process finds a built kernel in the cache, keyed by its source."""
-    from pcdistill.losses import _pcd_native
+    rows (same loss), and nothing half-built left; with the compiler back, it builds."""
     monkeypatch.setenv("PCDISTILL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    _pcd_native.library.cache_clear()
+    pcd_native.library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="no-such-compiler.*kernels.*torch rows"):
             fn = pcd_module._row_spec(torch.device("cpu"), 10, [1, 2, 3], True, "log_prob_cos")[0]
@@ -513,8 +511,8 @@ def test_without_a_compiler_pcd_runs_the_torch_rows(monkeypatch, tmp_path):
         assert not list(tmp_path.rglob("*.so"))  # nothing half-built left behind
     finally:
         monkeypatch.undo()
-        _pcd_native.library.cache_clear()
-    assert _pcd_native.library() is not None
+        pcd_native.library.cache_clear()
+    assert pcd_native.library() is not None
 
 
 def test_stages_combined_in_blocks_give_the_same_result(monkeypatch):
