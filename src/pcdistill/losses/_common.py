@@ -178,13 +178,19 @@ def prepare_rows(s: torch.Tensor, t: torch.Tensor, valid: torch.Tensor | None, c
     return s, t
 
 
+def cheap_to_look(z: torch.Tensor) -> bool:
+    """On the CPU outside a compiled graph a value read back costs no device sync and breaks no graph, so a
+    row function may take an unguarded pass and guard only where the result shows it is needed."""
+    return z.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def log_softmax_rows(z: torch.Tensor) -> torch.Tensor:
     """``log_softmax`` over the last dim; a row of only ``-inf`` gives ``-inf`` (probability 0), not NaN.
 
     A fresh tensor (written in place here), for the closed-form row functions: not for autograd."""
     out = torch.log_softmax(z, -1)
-    # such a row comes out NaN: on the CPU, where a look costs no device sync, only then is every row's maximum read
-    if z.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.isnan(out[..., :1]).any():
+    # such a row comes out NaN: where a look is cheap, only then is every row's maximum read
+    if cheap_to_look(z) and not torch.isnan(out[..., :1]).any():
         return out
     return out.masked_fill_(torch.isneginf(z.amax(-1, keepdim=True)), float("-inf"))
 

@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from ._common import (REDUCTIONS, LossModule, check_bool, check_choice, check_logits, check_positive_finite,
-                      log_softmax_rows)
+from ._common import (REDUCTIONS, LossModule, cheap_to_look, check_bool, check_choice, check_logits,
+                      check_positive_finite, log_softmax_rows)
 from ._rows import RowSpec, spec_loss
 
 
@@ -22,7 +22,7 @@ def _kd_terms(log_p_s, log_p_t, temperature: float, want_grad: bool, masked: boo
 
 def kd_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, want_grad: bool):
     """Per-row ``T^2 KL(p_t || p_s)`` and its gradient ``T (p_s - p_t)`` w.r.t. the student logits."""
-    if s.device.type == "cpu" and not torch.compiler.is_compiling():
+    if cheap_to_look(s):
         # every masked class or row of only -inf makes some row NaN unguarded: only then the guarded pass
         loss, grad = _kd_terms(torch.log_softmax(s / temperature, -1), torch.log_softmax(t / temperature, -1),
                                temperature, want_grad, masked=False)
